@@ -24,7 +24,9 @@ CORPUS = [
 ]
 
 
-def build_clip_tokenizer(extra_text: list[str] | tuple[str, ...] = (), vocab_size: int = 400) -> CLIPTokenizer:
+def build_clip_tokenizer(
+    extra_text: list[str] | tuple[str, ...] = (), vocab_size: int = 400
+) -> CLIPTokenizer:
     """Trains a CLIP-style byte-level BPE (`</w>` suffix) on a tiny corpus in well under a second.
 
     Every printable ASCII character is seen as a word on its own, so no input ever maps to the unknown token.
@@ -36,7 +38,9 @@ def build_clip_tokenizer(extra_text: list[str] | tuple[str, ...] = (), vocab_siz
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(
-                Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                Regex(
+                    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+                ),
                 behavior="removed",
                 invert=True,
             ),
@@ -57,7 +61,9 @@ def build_clip_tokenizer(extra_text: list[str] | tuple[str, ...] = (), vocab_siz
     return CLIPTokenizer(vocab=model["vocab"], merges=merges)
 
 
-def tiny_config(tokenizer: CLIPTokenizer | None = None, backbone: str = "resnet", **overrides) -> DetClipV3Config:
+def tiny_config(
+    tokenizer: CLIPTokenizer | None = None, backbone: str = "resnet", **overrides
+) -> DetClipV3Config:
     """A DetCLIPv3 config small enough for CPU unit tests (d_model 32, 1-2 layers, 16 queries)."""
     tokenizer = tokenizer if tokenizer is not None else build_clip_tokenizer()
     if backbone == "resnet":

@@ -267,7 +267,9 @@ class DetClipV3Config(PreTrainedConfig):
             if heads < 1 or self.d_model % heads != 0:
                 raise ValueError(f"d_model ({self.d_model}) must be divisible by {name} ({heads}).")
         if self.d_model % 4 != 0:
-            raise ValueError(f"d_model must be a multiple of 4 for the sine box embeddings, got {self.d_model}.")
+            raise ValueError(
+                f"d_model must be a multiple of 4 for the sine box embeddings, got {self.d_model}."
+            )
         if self.norm_groups < 1 or self.d_model % self.norm_groups != 0:
             raise ValueError(f"norm_groups ({self.norm_groups}) must divide d_model ({self.d_model}).")
         for name in (
