@@ -438,11 +438,17 @@ class DetClipV3ConceptEncoder(nn.Module):
     def __init__(self, config: DetClipV3Config):
         super().__init__()
         self.text_model = CLIPTextModelWithProjection(config.text_config)
-        self.concept_proj = nn.Linear(config.text_config.projection_dim, config.d_model)
+        # No bias: a shared offset would add the same vector to every concept and blur them together.
+        self.concept_proj = nn.Linear(config.text_config.projection_dim, config.d_model, bias=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """`input_ids` `(N, L)` -> `(N, D)`, one row per concept."""
+        """`input_ids` `(N, L)` -> `(N, D)`, one row per concept.
+
+        CLIP's text embeddings are compared by cosine: they are L2-normalised (times sqrt(D) so the result has unit
+        scale per channel) before the linear map to `d_model`.
+        """
         text_embeds = self.text_model(input_ids=input_ids, attention_mask=attention_mask).text_embeds
+        text_embeds = F.normalize(text_embeds, dim=-1) * math.sqrt(text_embeds.shape[-1])
         return self.concept_proj(text_embeds)
 
 
