@@ -49,6 +49,9 @@ class DetClipV3CaptionerConfig(PreTrainedConfig):
             `DetClipV3Config` (the processor adds `[OBJ]` / `[IMG]` and resizes it).
         obj_token_id / img_token_id / bos_token_id / eos_token_id / pad_token_id (`int`, *optional*):
             Special token ids; filled from the tokenizer by `DetClipV3Processor`.
+        separator_token_id (`int`, *optional*):
+            Id of the `|` token that separates phrase, category and parent category; the vocabulary-free OV score
+            reads the generated category between the first two separators.
     """
 
     model_type = "detclipv3_captioner"
@@ -68,6 +71,7 @@ class DetClipV3CaptionerConfig(PreTrainedConfig):
     vocab_size: int | None = None
     obj_token_id: int | None = None
     img_token_id: int | None = None
+    separator_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -240,7 +244,6 @@ class DetClipV3Config(PreTrainedConfig):
     train_detector: bool = True
     train_captioner: bool = True
 
-    is_encoder_decoder: bool = True
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):

@@ -18,8 +18,11 @@ This file holds modules and outputs only: no tokenisation, no matching, no datas
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,15 +31,22 @@ from transformers import CLIPTextModelWithProjection
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.backbone_utils import load_backbone
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_detclipv3 import DetClipV3Config
-from .loss_detclipv3 import DetClipV3Criterion
+from .configuration_detclipv3 import DetClipV3CaptionerConfig, DetClipV3Config
+from .loss_detclipv3 import DetClipV3Criterion, prepare_targets
 
 __all__ = [
+    "DetClipV3Captioner",
+    "DetClipV3CaptioningOutput",
     "DetClipV3DetectionOutput",
+    "DetClipV3ForObjectCaptioning",
+    "DetClipV3ObjectLabelsOutput",
     "DetClipV3ForObjectDetection",
     "DetClipV3Model",
     "DetClipV3ModelOutput",
@@ -643,6 +653,26 @@ class DetClipV3PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = [r"DetClipV3EncoderLayer", r"DetClipV3DecoderLayer"]
+    # Every Auto class a saved folder answers to with `trust_remote_code=True` (class names of this file).
+    # transformers only writes the saved class's own entry; `save_pretrained` writes them all.
+    remote_code_auto_map = {
+        "AutoModel": "DetClipV3Model",
+        "AutoModelForZeroShotObjectDetection": "DetClipV3ForObjectDetection",
+    }
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, with the full `auto_map` in `config.json` when saving remote code.
+
+        The package registers the classes with `register_for_auto_class`, so transformers copies the model files
+        (configuration, modeling, loss) next to the weights; the folder then loads with `trust_remote_code=True`
+        where this package is not installed.
+        """
+        if self.is_remote_code():
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.update({auto: f"{module}.{name}" for auto, name in self.remote_code_auto_map.items()})
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -1318,3 +1348,625 @@ class DetClipV3ForObjectDetection(DetClipV3PreTrainedModel):
             loss, loss_dict = self.criterion(outputs, labels)
         output = DetClipV3DetectionOutput(loss=loss, loss_dict=loss_dict, **outputs)
         return output if return_dict else output.to_tuple()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The object captioner (ARCHITECTURE.md section 3)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DetClipV3CaptioningOutput(DetClipV3DetectionOutput):
+    """`DetClipV3DetectionOutput` plus what the captioner produced.
+
+    Args:
+        caption_logits: `(num_objects, T, vocab)` next-token logits of the object captions of a training forward.
+        image_caption_logits: `(B, T, vocab)` next-token logits of the image captions of a training forward.
+    """
+
+    caption_logits: torch.FloatTensor | None = None
+    image_caption_logits: torch.FloatTensor | None = None
+
+
+@dataclass
+class DetClipV3ObjectLabelsOutput(ModelOutput):
+    """Result of `DetClipV3ForObjectCaptioning.generate_object_labels`; post-process with
+    `DetClipV3Processor.post_process_object_captioning`.
+
+    Shapes use B images, K selected objects per image, R = `num_return_sequences`, T generated tokens.
+
+    Args:
+        pred_boxes: `(B, K, 4)` cxcywh normalised boxes of the selected objects.
+        scores: `(B, K)` final score of each object: the OV score in vocabulary-free mode, the detection score (best
+            concept probability) with a vocabulary.
+        sequences: `(B * K * R, T)` generated token ids (first token = the `[OBJ]` task token), object-major.
+        sequences_scores: `(B * K * R,)` mean log-probability per generated token of each sequence.
+        objectness: `(B, K)` sigmoid objectness of each object.
+        label_likelihood: `(B, K)` exp(mean token log-probability) of the first returned label.
+        alignment_scores: `(B, K)` sigmoid alignment between the object and its generated category (vocabulary-free).
+        concept_labels: `(B, K)` index of the best concept (with a vocabulary), else None.
+        query_indices: `(B, K)` which decoder queries were selected.
+    """
+
+    pred_boxes: torch.FloatTensor | None = None
+    scores: torch.FloatTensor | None = None
+    sequences: torch.LongTensor | None = None
+    sequences_scores: torch.FloatTensor | None = None
+    objectness: torch.FloatTensor | None = None
+    label_likelihood: torch.FloatTensor | None = None
+    alignment_scores: torch.FloatTensor | None = None
+    concept_labels: torch.LongTensor | None = None
+    query_indices: torch.LongTensor | None = None
+
+
+class DetClipV3CaptionerLayer(GradientCheckpointingLayer):
+    """One captioner block over `[visual queries | text tokens]` (pre-norm).
+
+    Self-attention with a mask where visual queries see only visual queries and text tokens see every visual query
+    and the earlier text (causal); deformable cross-attention from the visual queries into the pixel-encoder memory at
+    their reference boxes; FFN. Because visual queries never see text, the block runs as two calls that compute exactly
+    the masked joint attention: `forward_visual` (text-independent, run once per object) and `forward_text` (which
+    reads the visual queries' keys / values and a KV cache of the earlier text).
+    """
+
+    def __init__(self, config: DetClipV3CaptionerConfig, num_levels: int):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = hidden // self.num_heads
+        self.dropout = config.dropout
+        self.self_attn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.q_proj = nn.Linear(hidden, hidden)
+        self.k_proj = nn.Linear(hidden, hidden)
+        self.v_proj = nn.Linear(hidden, hidden)
+        self.out_proj = nn.Linear(hidden, hidden)
+        self.cross_attn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.cross_attn = DetClipV3MultiscaleDeformableAttention(
+            hidden, config.num_attention_heads, num_levels, config.n_points
+        )
+        self.ffn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.ffn = DetClipV3FeedForward(hidden, config.intermediate_size, "gelu", 0.0)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(
+            self._heads(q), k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout, self.training)
+
+    def forward_visual(
+        self,
+        visual: torch.Tensor,
+        visual_pos: torch.Tensor,
+        reference_boxes: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        spatial_shapes: list[tuple[int, int]],
+        image_index: torch.Tensor,
+        slot_index: torch.Tensor,
+        num_slots: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            visual: `(S, P, H)` P visual queries of each of S sequences; `visual_pos` the same shape.
+            reference_boxes: `(S, P, levels, 4)` cxcywh boxes already scaled by the valid ratios.
+            memory: `(B, N, H)` projected pixel-encoder memory; `memory_mask` `(B, N)`.
+            image_index / slot_index: `(S,)` image of each sequence and its slot among that image's sequences.
+            num_slots: most sequences of one image.
+
+        Returns:
+            The updated visual queries and the normalised input of the self-attention (the keys / values source that
+            text tokens read at this layer).
+        """
+        normed = self.self_attn_norm(visual)
+        q = normed + visual_pos
+        attended = self._attend(
+            self.q_proj(q), self._heads(self.k_proj(q)), self._heads(self.v_proj(normed)), None
+        )
+        visual = visual + self._drop(attended)
+        # Deformable cross-attention runs per image: scatter sequences into (B, slots * P, H), then gather back.
+        seq, points, hidden = visual.shape
+        grid = visual.new_zeros(memory.shape[0], num_slots, points, hidden)
+        grid[image_index, slot_index] = self.cross_attn_norm(visual) + visual_pos
+        refs = reference_boxes.new_full((memory.shape[0], num_slots, points) + reference_boxes.shape[2:], 0.5)
+        refs[image_index, slot_index] = reference_boxes
+        sampled = self.cross_attn(
+            grid.flatten(1, 2), refs.flatten(1, 2), memory, memory_mask, spatial_shapes
+        ).view(memory.shape[0], num_slots, points, hidden)
+        visual = visual + self._drop(sampled[image_index, slot_index])
+        visual = visual + self._drop(self.ffn(self.ffn_norm(visual)))
+        return visual, q
+
+    def forward_text(
+        self,
+        text: torch.Tensor,
+        visual_keys_source: torch.Tensor,
+        visual_values_source: torch.Tensor,
+        text_bias: torch.Tensor,
+        cache: Cache | None,
+        layer_idx: int,
+    ) -> torch.Tensor:
+        """`text` `(S, t, H)` new text tokens; `visual_*_source` `(S, P, H)` this layer's visual query inputs;
+        `text_bias` additive mask over `[visual | cached text | new text]`."""
+        normed = self.self_attn_norm(text)
+        k_text, v_text = self._heads(self.k_proj(normed)), self._heads(self.v_proj(normed))
+        if cache is not None:
+            k_text, v_text = cache.update(k_text, v_text, layer_idx)
+        k = torch.cat([self._heads(self.k_proj(visual_keys_source)), k_text], 2)
+        v = torch.cat([self._heads(self.v_proj(visual_values_source)), v_text], 2)
+        text = text + self._drop(self._attend(self.q_proj(normed), k, v, text_bias))
+        return text + self._drop(self.ffn(self.ffn_norm(text)))
+
+
+class DetClipV3Captioner(PreTrainedModel, GenerationMixin):
+    """The object captioner: a Q-Former-like multimodal transformer that writes `phrase|category|parent category` for
+    an object (or a caption for an image) from visual queries that read the pixel-encoder memory.
+
+    Generation goes through `GenerationMixin.generate` (greedy, beam search, sampling, KV cache): the visual part is
+    computed once by `encode_visual` and passed to `generate` as `visual_states`; the cache holds text keys / values.
+    """
+
+    config_class = DetClipV3CaptionerConfig
+    config: DetClipV3CaptionerConfig
+    base_model_prefix = "captioner"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = [r"DetClipV3CaptionerLayer"]
+
+    def __init__(self, config: DetClipV3CaptionerConfig, memory_dim: int = 256, num_levels: int = 4):
+        super().__init__(config)
+        hidden = config.hidden_size
+        self.memory_proj = nn.Linear(memory_dim, hidden)
+        self.object_proj = nn.Linear(memory_dim, hidden)
+        self.box_embed = DetClipV3MLP(2 * hidden, hidden, hidden, 2)
+        self.image_queries = nn.Embedding(config.num_image_queries, hidden)
+        self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, hidden)
+        self.layers = nn.ModuleList(
+            DetClipV3CaptionerLayer(config, num_levels) for _ in range(config.num_hidden_layers)
+        )
+        self.final_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, DetClipV3MultiscaleDeformableAttention):
+            DetClipV3PreTrainedModel._init_weights(self, module)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    # ------------------------------------------------------------------ visual path
+    def encode_visual(
+        self,
+        queries: torch.Tensor | None,
+        boxes: torch.Tensor,
+        image_index: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        spatial_shapes: list[tuple[int, int]],
+        valid_ratios: torch.Tensor,
+    ) -> torch.Tensor:
+        """Runs the visual queries through every layer.
+
+        Args:
+            queries: `(S, D)` decoder states of S objects (object captions), or None for the learned image queries
+                (image captions, one sequence per entry of `image_index`).
+            boxes: `(S, 4)` cxcywh reference box of each sequence (the whole image for image captions).
+            image_index: `(S,)` long, the image each sequence belongs to.
+            memory / memory_mask / spatial_shapes / valid_ratios: the trunk's pixel-encoder outputs.
+
+        Returns:
+            `visual_states` `(S, 2 * layers, P, H)`: per layer the keys source and the values source of the visual
+            queries, which is everything text tokens need (pass it to `forward` / `generate`).
+        """
+        seq = image_index.shape[0]
+        if queries is not None:
+            visual = self.object_proj(queries)[:, None]  # P = 1
+        else:
+            visual = self.image_queries.weight[None].expand(seq, -1, -1)
+        points = visual.shape[1]
+        boxes = boxes[:, None].expand(seq, points, 4)
+        visual_pos = self.box_embed(box_sine_embedding(boxes, self.config.hidden_size // 2))
+        refs = boxes[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[image_index][:, None]
+        slot_index = self._slot_index(image_index, memory.shape[0])
+        num_slots = int(slot_index.max()) + 1 if seq else 1
+        projected = self.memory_proj(memory)
+        sources = []
+        for layer in self.layers:
+            normed = layer.self_attn_norm(visual)
+            visual, keys_source = layer.forward_visual(
+                visual,
+                visual_pos,
+                refs,
+                projected,
+                memory_mask,
+                spatial_shapes,
+                image_index,
+                slot_index,
+                num_slots,
+            )
+            sources += [keys_source, normed]
+        return torch.stack(sources, 1)
+
+    @staticmethod
+    def _slot_index(image_index: torch.Tensor, num_images: int) -> torch.Tensor:
+        """Position of every sequence among the sequences of its image."""
+        one_hot = F.one_hot(image_index, num_images)
+        return ((one_hot.cumsum(0) - 1) * one_hot).sum(-1)
+
+    # ------------------------------------------------------------------ text path
+    def _text_bias(
+        self, num_visual: int, past: int, new: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """Text token i (absolute position past + i) sees every visual query and text positions <= past + i."""
+        text_pos = torch.arange(past + new, device=device)
+        query_pos = torch.arange(past, past + new, device=device)
+        blocked = text_pos[None, :] > query_pos[:, None]
+        blocked = torch.cat([torch.zeros(new, num_visual, dtype=torch.bool, device=device), blocked], 1)
+        return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
+            blocked, torch.finfo(dtype).min
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        visual_states: torch.FloatTensor,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Next-token logits for `input_ids` `(S, t)` given `visual_states` from `encode_visual`.
+
+        `attention_mask` is accepted for `generate` and unused: the sequences of one call never contain padding before
+        their last real token (all start with the task token), and padding after it is ignored by the loss.
+        """
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        past = cache.get_seq_length() if cache is not None else 0
+        new = input_ids.shape[1]
+        if past + new > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Captions of {past + new} tokens exceed captioner_config.max_position_embeddings "
+                f"({self.config.max_position_embeddings})."
+            )
+        positions = torch.arange(past, past + new, device=input_ids.device)
+        hidden = self.embed_tokens(input_ids) + self.embed_positions(positions)[None]
+        bias = self._text_bias(visual_states.shape[2], past, new, hidden.dtype, hidden.device)
+        for i, layer in enumerate(self.layers):
+            hidden = layer.forward_text(
+                hidden, visual_states[:, 2 * i], visual_states[:, 2 * i + 1], bias, cache, i
+            )
+        logits = F.linear(self.final_norm(hidden), self.embed_tokens.weight)  # LM head tied to the embeddings
+        return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
+
+    def caption_loss(
+        self, visual_states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token cross-entropy of `input_ids` `(S, L)` (`[task] tokens... [eos] pad...`). Returns (loss, logits)."""
+        logits = self(input_ids[:, :-1], visual_states).logits
+        target = input_ids[:, 1:]
+        if attention_mask is not None:
+            target = target.masked_fill(attention_mask[:, 1:] == 0, -100)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
+        return loss, logits
+
+
+class DetClipV3ForObjectCaptioning(DetClipV3PreTrainedModel, GenerationMixin):
+    """DetCLIPv3 with its object captioner: detects objects (with or without a vocabulary) and names each one with a
+    hierarchical label `phrase|category|parent category`; also writes image captions.
+
+    The detector part (`model.*`) has exactly the parameter names of `DetClipV3ForObjectDetection`, so a detector
+    checkpoint loads here (the captioner is newly initialised) and this checkpoint loads into the detector class (the
+    captioner weights are skipped).
+    """
+
+    def __init__(self, config: DetClipV3Config):
+        super().__init__(config)
+        self.model = DetClipV3Model(config)
+        self.captioner = DetClipV3Captioner(
+            config.captioner_config, config.d_model, config.num_feature_levels
+        )
+        self.criterion = DetClipV3Criterion(config)
+        cap = config.captioner_config
+        self.generation_config = GenerationConfig(
+            max_new_tokens=cap.max_label_length,
+            eos_token_id=cap.eos_token_id,
+            pad_token_id=cap.pad_token_id,
+            bos_token_id=cap.obj_token_id,
+        )
+        self.post_init()
+
+    def can_generate(
+        self,
+    ) -> bool:  # generation runs through `generate_object_labels` / `generate_image_captions`
+        return True
+
+    # ------------------------------------------------------------------ helpers
+    def _trunk(self, **inputs) -> DetClipV3ModelOutput:
+        if self.config.train_detector:
+            return self.model(**inputs, return_dict=True)
+        with torch.no_grad():
+            return self.model(**inputs, return_dict=True)
+
+    def _memory_args(self, outputs: DetClipV3ModelOutput) -> dict:
+        return {
+            "memory": outputs.encoder_last_hidden_state,
+            "memory_mask": outputs.encoder_mask,
+            "spatial_shapes": [tuple(s) for s in outputs.spatial_shapes.tolist()],
+            "valid_ratios": outputs.valid_ratios,
+        }
+
+    def _task_token(self, name: str) -> int:
+        token = getattr(self.config.captioner_config, f"{name}_token_id")
+        if token is None:
+            raise ValueError(
+                f"captioner_config.{name}_token_id is not set; build the config with the processor's tokenizer "
+                "(see DetClipV3Processor.captioner_token_ids)."
+            )
+        return token
+
+    # ------------------------------------------------------------------ training forward
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor,
+        pixel_mask: torch.LongTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        concept_mask: torch.BoolTensor | None = None,
+        concept_embeds: torch.FloatTensor | None = None,
+        labels: list[dict[str, torch.Tensor]] | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> DetClipV3CaptioningOutput | tuple:
+        """Detection forward plus, with `labels`, the captioner's losses.
+
+        Args:
+            labels: as `DetClipV3ForObjectDetection`, and per image optionally `caption_ids` `(T, Lc)` (the target
+                `[OBJ] phrase|category|parent [eos]` of box t, from `DetClipV3Processor.encode_caption_targets`) with
+                `caption_attention_mask`, and `image_caption_ids` `(1, Lc)` with `image_caption_attention_mask`. The
+                captioner is fed the decoder states of the queries Hungarian-matched to the boxes.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self._trunk(
+            pixel_values=pixel_values,
+            pixel_mask=pixel_mask,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            concept_mask=concept_mask,
+            concept_embeds=concept_embeds,
+            labels=labels,
+        )
+        loss, loss_dict = None, None
+        caption_logits = image_caption_logits = None
+        if labels is not None:
+            loss_dict = {}
+            if self.config.train_detector:
+                _, loss_dict = self.criterion(outputs, labels)
+            if self.config.train_captioner:
+                caption_losses, caption_logits, image_caption_logits = self._caption_losses(outputs, labels)
+                loss_dict.update(caption_losses)
+            weights = self.criterion.weights
+            loss = sum(weights[name] * value for name, value in loss_dict.items())
+        output = DetClipV3CaptioningOutput(
+            loss=loss,
+            loss_dict=loss_dict,
+            caption_logits=caption_logits,
+            image_caption_logits=image_caption_logits,
+            **outputs,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _caption_losses(
+        self, outputs: DetClipV3ModelOutput, labels: list[dict[str, torch.Tensor]]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        device = outputs.pred_boxes.device
+        num_concepts = outputs.logits.shape[-1] if outputs.logits is not None else None
+        targets = prepare_targets(labels, num_concepts, device)
+        losses, caption_logits, image_logits = {}, None, None
+        memory = self._memory_args(outputs)
+        if any("caption_ids" in t for t in labels):
+            indices = self.criterion.matcher(
+                outputs.pred_boxes, targets, outputs.logits, outputs.objectness_logits
+            )
+            states, boxes, image_index, ids, masks = [], [], [], [], []
+            for b, (src, tgt) in enumerate(indices):
+                if "caption_ids" not in labels[b] or len(src) == 0:
+                    continue
+                src, tgt = src.to(device), tgt.to(device)
+                states.append(outputs.last_hidden_state[b, src])
+                boxes.append(outputs.pred_boxes[b, src].detach())
+                image_index.append(torch.full_like(src, b))
+                ids.append(labels[b]["caption_ids"].to(device)[tgt])
+                mask = labels[b].get("caption_attention_mask")
+                masks.append(mask.to(device)[tgt] if mask is not None else torch.ones_like(ids[-1]))
+            if states:
+                visual = self.captioner.encode_visual(
+                    torch.cat(states), torch.cat(boxes), torch.cat(image_index), **memory
+                )
+                losses["loss_caption"], caption_logits = self.captioner.caption_loss(
+                    visual, _pad_cat(ids, self.config.captioner_config.pad_token_id), _pad_cat(masks, 0)
+                )
+        with_image = [b for b, t in enumerate(labels) if "image_caption_ids" in t]
+        if with_image:
+            image_index = torch.tensor(with_image, dtype=torch.long, device=device)
+            full = torch.tensor([0.5, 0.5, 1.0, 1.0], device=device).expand(len(with_image), 4)
+            visual = self.captioner.encode_visual(None, full, image_index, **memory)
+            ids = [labels[b]["image_caption_ids"].to(device).reshape(1, -1) for b in with_image]
+            masks = [
+                labels[b]
+                .get("image_caption_attention_mask", torch.ones_like(ids[i]))
+                .to(device)
+                .reshape(1, -1)
+                for i, b in enumerate(with_image)
+            ]
+            losses["loss_image_caption"], image_logits = self.captioner.caption_loss(
+                visual, _pad_cat(ids, self.config.captioner_config.pad_token_id), _pad_cat(masks, 0)
+            )
+        return losses, caption_logits, image_logits
+
+    # ------------------------------------------------------------------ inference
+    def _generate(self, visual: torch.Tensor, task: str, generate_kwargs: dict) -> Any:
+        start = torch.full(
+            (visual.shape[0], 1), self._task_token(task), dtype=torch.long, device=visual.device
+        )
+        config = copy.deepcopy(generate_kwargs.pop("generation_config", None) or self.generation_config)
+        config.update(**generate_kwargs, return_dict_in_generate=True, output_scores=True)
+        return self.captioner.generate(
+            input_ids=start,
+            attention_mask=torch.ones_like(start),
+            visual_states=visual,
+            generation_config=config,
+        )
+
+    @staticmethod
+    def _sequence_log_likelihood(generated: Any, eos_token_id: int | None) -> torch.Tensor:
+        """Mean log-probability per generated token (up to and including the first end token)."""
+        if getattr(generated, "sequences_scores", None) is not None:
+            return generated.sequences_scores
+        new_tokens = generated.sequences[:, 1:]
+        log_probs = torch.stack(generated.scores, 1).float().log_softmax(-1)
+        token_lp = log_probs.gather(-1, new_tokens[:, : log_probs.shape[1], None])[..., 0]
+        valid = torch.ones_like(token_lp, dtype=torch.bool)
+        if eos_token_id is not None:
+            is_eos = new_tokens[:, : token_lp.shape[1]] == eos_token_id
+            after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+            valid = ~after_eos
+        return (token_lp * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+    def _category_alignment(self, sequences: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Sigmoid alignment between each object state `(S, D)` and the text embedding of the category it generated
+        (the tokens between the first two `|` separators). Objects without a category get 0."""
+        cap = self.config.captioner_config
+        text = self.config.text_config
+        sep = cap.separator_token_id
+        length = self.config.max_concept_tokens
+        ids = torch.full(
+            (sequences.shape[0], length), text.pad_token_id, dtype=torch.long, device=sequences.device
+        )
+        mask = torch.zeros_like(ids)
+        has_category = torch.zeros(sequences.shape[0], dtype=torch.bool, device=sequences.device)
+        if sep is not None:
+            for row, seq in enumerate(sequences.tolist()):
+                seq = seq[1 : seq.index(cap.eos_token_id) if cap.eos_token_id in seq else len(seq)]
+                marks = [i for i, token in enumerate(seq) if token == sep]
+                if not marks:
+                    continue
+                end = marks[1] if len(marks) > 1 else len(seq)
+                category = seq[marks[0] + 1 : end][: length - 2]
+                if not category:
+                    continue
+                tokens = [text.bos_token_id, *category, text.eos_token_id]
+                ids[row, : len(tokens)] = torch.tensor(tokens, device=ids.device)
+                mask[row, : len(tokens)] = 1
+                has_category[row] = True
+        scores = torch.zeros(sequences.shape[0], device=queries.device, dtype=queries.dtype)
+        if has_category.any():
+            concept = self.model.concept_encoder(ids[has_category], mask[has_category])
+            keep = torch.ones(int(has_category.sum()), 1, dtype=torch.bool, device=ids.device)
+            logits = self.model.alignment_head(queries[has_category][:, None], concept[:, None], keep)
+            scores[has_category] = logits[:, 0, 0].sigmoid()
+        return scores
+
+    @torch.no_grad()
+    def generate_object_labels(
+        self,
+        pixel_values: torch.FloatTensor,
+        pixel_mask: torch.LongTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        concept_mask: torch.BoolTensor | None = None,
+        concept_embeds: torch.FloatTensor | None = None,
+        top_k: int = 100,
+        **generate_kwargs,
+    ) -> DetClipV3ObjectLabelsOutput:
+        """Finds objects and generates a hierarchical label for each.
+
+        Without concepts (vocabulary-free): the top-k queries by objectness get a label each, scored by the OV score
+        `sigmoid(objectness)^a * likelihood^b * sigmoid(alignment with the generated category)^c` with
+        `(a, b, c) = config.ov_score_weights`. With concepts: the top-k detections by best concept probability get a
+        label each and keep their detection score. `generate_kwargs` go to `GenerationMixin.generate` (`num_beams`,
+        `do_sample`, `use_cache`, `max_new_tokens`, `num_return_sequences`, ...).
+        """
+        outputs = self.model(
+            pixel_values,
+            pixel_mask=pixel_mask,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            concept_mask=concept_mask,
+            concept_embeds=concept_embeds,
+            return_dict=True,
+        )
+        objectness = outputs.objectness_logits.sigmoid()
+        if outputs.logits is not None:
+            probs = outputs.logits.sigmoid()
+            rank, concept_labels = probs.max(-1)
+        else:
+            rank, concept_labels = objectness, None
+        k = min(top_k, rank.shape[1])
+        top = rank.topk(k, dim=1).indices  # (B, K)
+        batch = pixel_values.shape[0]
+        image_index = torch.arange(batch, device=top.device).repeat_interleave(k)
+        states = outputs.last_hidden_state.gather(
+            1, top[..., None].expand(-1, -1, outputs.last_hidden_state.shape[-1])
+        )
+        boxes = outputs.pred_boxes.gather(1, top[..., None].expand(-1, -1, 4))
+        visual = self.captioner.encode_visual(
+            states.flatten(0, 1), boxes.flatten(0, 1), image_index, **self._memory_args(outputs)
+        )
+        generated = self._generate(visual, "obj", generate_kwargs)
+        returns = generated.sequences.shape[0] // visual.shape[0]
+        log_likelihood = self._sequence_log_likelihood(generated, self.config.captioner_config.eos_token_id)
+        likelihood = log_likelihood.view(batch, k, returns)[..., 0].exp()
+        first = generated.sequences.view(batch * k, returns, -1)[:, 0]
+        alignment = self._category_alignment(first, states.flatten(0, 1)).view(batch, k)
+        top_objectness = objectness.gather(1, top)
+        if concept_labels is not None:
+            scores = rank.gather(1, top)
+            concept_labels = concept_labels.gather(1, top)
+        else:
+            a, b, c = self.config.ov_score_weights
+            scores = top_objectness.pow(a) * likelihood.clamp(0, 1).pow(b) * alignment.pow(c)
+        return DetClipV3ObjectLabelsOutput(
+            pred_boxes=boxes,
+            scores=scores,
+            sequences=generated.sequences,
+            sequences_scores=log_likelihood,
+            objectness=top_objectness,
+            label_likelihood=likelihood,
+            alignment_scores=alignment,
+            concept_labels=concept_labels,
+            query_indices=top,
+        )
+
+    @torch.no_grad()
+    def generate_image_captions(
+        self, pixel_values: torch.FloatTensor, pixel_mask: torch.LongTensor | None = None, **generate_kwargs
+    ) -> torch.LongTensor:
+        """Image-level captions: `(B * num_return_sequences, T)` token ids starting with the `[IMG]` task token.
+        Decode with `DetClipV3Processor.batch_decode_labels` (or the tokenizer's `batch_decode`)."""
+        outputs = self.model(pixel_values, pixel_mask=pixel_mask, return_dict=True)
+        batch = pixel_values.shape[0]
+        image_index = torch.arange(batch, device=pixel_values.device)
+        full = torch.tensor([0.5, 0.5, 1.0, 1.0], device=pixel_values.device).expand(batch, 4)
+        visual = self.captioner.encode_visual(None, full, image_index, **self._memory_args(outputs))
+        generate_kwargs.setdefault("max_new_tokens", self.config.captioner_config.max_caption_length)
+        return self._generate(visual, "img", generate_kwargs).sequences
+
+
+def _pad_cat(rows: list[torch.Tensor], pad_value: int) -> torch.Tensor:
+    """Concatenates `(n_i, L_i)` tensors along dim 0, right-padding to the longest L."""
+    length = max(r.shape[1] for r in rows)
+    return torch.cat([F.pad(r, (0, length - r.shape[1]), value=pad_value) for r in rows])

@@ -181,6 +181,28 @@ class DetClipV3Processor(ProcessorMixin):
         return self.tokenizer.convert_tokens_to_ids(IMG_TOKEN)
 
     @property
+    def separator_token_id(self) -> int:
+        """Id of the token the tokenizer gives a lone `|` (the field separator of hierarchical labels)."""
+        ids = self.tokenizer(LABEL_SEPARATOR, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"The tokenizer splits {LABEL_SEPARATOR!r} into {len(ids)} tokens; expected one.")
+        return ids[0]
+
+    def captioner_token_ids(self) -> dict[str, int]:
+        """Token ids the captioner needs, to pass into `DetClipV3Config(captioner_config={...})`:
+        vocabulary size (with the task tokens), task tokens, separator and start / end / pad."""
+        tok = self.tokenizer
+        return {
+            "vocab_size": len(tok),
+            "obj_token_id": self.obj_token_id,
+            "img_token_id": self.img_token_id,
+            "separator_token_id": self.separator_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        }
+
+    @property
     def model_input_names(self) -> list[str]:
         """Inputs the model takes from this processor: the image processor's, the tokenizer's and `concept_mask`."""
         return [*super().model_input_names, "concept_mask"]
