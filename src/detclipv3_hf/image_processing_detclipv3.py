@@ -44,9 +44,11 @@ from transformers.utils import TensorType
 __all__ = [
     "DetClipV3ImageProcessor",
     "DetClipV3ImageProcessorKwargs",
+    "DetClipV3RemoteCodeMixin",
     "convert_coco_detection_annotation",
     "flatten_images",
     "get_resize_output_size",
+    "image_processor_backends",
     "post_process_detection_outputs",
     "to_rgb_float_array",
 ]
@@ -589,6 +591,41 @@ def post_process_detection_outputs(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Remote code: both backends in `auto_map`
+# ----------------------------------------------------------------------------------------------------------
+
+
+def image_processor_backends() -> dict[str, type]:
+    """Both image-processor classes under the backend names `AutoImageProcessor` uses ("torchvision", "pil")."""
+    # Imported here because the PIL backend builds on this module. Being a relative import of this file, it also
+    # makes transformers' `custom_object_save` copy both backend files next to a saved (image) processor.
+    from .image_processing_pil_detclipv3 import DetClipV3ImageProcessorPil
+
+    return {"torchvision": DetClipV3ImageProcessor, "pil": DetClipV3ImageProcessorPil}
+
+
+class DetClipV3RemoteCodeMixin:
+    """Writes both backends into the `AutoImageProcessor` entry of `auto_map` when saving remote code.
+
+    transformers writes only the saved instance's class; `AutoImageProcessor.from_pretrained(..., backend=...)`
+    reads a `{"torchvision": "module.Class", "pil": "module.Class"}` dict and picks the requested backend.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        auto_map = output.get("auto_map")
+        if isinstance(auto_map, dict) and "AutoImageProcessor" in auto_map:
+            output["auto_map"] = {
+                **auto_map,
+                "AutoImageProcessor": {
+                    backend: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+                    for backend, cls in image_processor_backends().items()
+                },
+            }
+        return output
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Torchvision backend
 # ----------------------------------------------------------------------------------------------------------
 
@@ -601,7 +638,7 @@ def _interpolation(resample: Any) -> tvF.InterpolationMode:
     return pil_torch_interpolation_mapping[PILImageResampling(resample)]
 
 
-class DetClipV3ImageProcessor(TorchvisionBackend):
+class DetClipV3ImageProcessor(DetClipV3RemoteCodeMixin, TorchvisionBackend):
     r"""DetCLIPv3 image processor (torchvision backend).
 
     Resize keeping the aspect ratio (`size`, default shortest edge 800 / longest 1333, bilinear with antialiasing on

@@ -28,6 +28,7 @@ from transformers.utils import TensorType
 
 from .image_processing_detclipv3 import (
     DetClipV3ImageProcessorKwargs,
+    DetClipV3RemoteCodeMixin,
     build_batch_feature,
     check_annotations,
     convert_coco_detection_annotation,
@@ -66,7 +67,7 @@ def resize_float_image(image: np.ndarray, new_size: tuple[int, int], resample: A
     return np.stack(channels, axis=0)
 
 
-class DetClipV3ImageProcessorPil(PilBackend):
+class DetClipV3ImageProcessorPil(DetClipV3RemoteCodeMixin, PilBackend):
     r"""DetCLIPv3 image processor (PIL backend); same options and outputs as `DetClipV3ImageProcessor`."""
 
     valid_kwargs = DetClipV3ImageProcessorKwargs
