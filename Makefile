@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q
 
 demo: $(STAMP)
-	$(VENV)/bin/detclipv3 demo --output demo_output
+	$(PY) examples/demo.py --output demo_output
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks convert examples
