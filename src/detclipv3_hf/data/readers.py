@@ -141,6 +141,9 @@ def _dirname(path: str) -> str:
     return posixpath.dirname(path) if _is_remote(path) else os.path.dirname(os.path.abspath(path))
 
 
+DATA_FILE_EXTENSIONS = (".jsonl", ".parquet", ".json", ".tar")
+
+
 def _expand_files(pattern: str) -> list[str]:
     """Expands a local or fsspec path / glob into a sorted file list; raises ``ValueError`` when empty."""
     if _is_remote(pattern):
@@ -148,7 +151,18 @@ def _expand_files(pattern: str) -> list[str]:
         paths = fs.glob(path) if globlib.has_magic(path) else ([path] if fs.isfile(path) else [])
         files = sorted(fs.unstrip_protocol(p) for p in paths)
     else:
-        files = sorted(p for p in globlib.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+        pattern = os.path.expanduser(pattern)
+        if os.path.isdir(pattern):
+            # A folder (e.g. the output of `detclipv3 annotate`): every data file in it, except marker / hidden
+            # files whose name starts with "_" or "." (as Spark and `datasets` shards do).
+            files = sorted(
+                p
+                for ext in DATA_FILE_EXTENSIONS
+                for p in globlib.glob(os.path.join(pattern, f"*{ext}"))
+                if os.path.isfile(p) and not os.path.basename(p).startswith(("_", "."))
+            )
+        else:
+            files = sorted(p for p in globlib.glob(pattern) if os.path.isfile(p))
     if not files:
         raise ValueError(f"no data file matches {pattern!r}")
     return files
