@@ -10,8 +10,14 @@ from detclipv3_hf.modeling_detclipv3 import DetClipV3ForObjectCaptioning, DetCli
 
 SIZE = 64
 SCENES = [
-    [((8, 8, 28, 30), (1.0, 0.0, 0.0), "red square|square|polygon"), ((36, 30, 60, 56), (0.0, 0.0, 1.0), "blue square|square|polygon")],
-    [((20, 4, 44, 20), (0.0, 1.0, 0.0), "green bar|bar|polygon"), ((4, 36, 24, 60), (1.0, 0.0, 0.0), "red square|square|polygon")],
+    [
+        ((8, 8, 28, 30), (1.0, 0.0, 0.0), "red square|square|polygon"),
+        ((36, 30, 60, 56), (0.0, 0.0, 1.0), "blue square|square|polygon"),
+    ],
+    [
+        ((20, 4, 44, 20), (0.0, 1.0, 0.0), "green bar|bar|polygon"),
+        ((4, 36, 24, 60), (1.0, 0.0, 0.0), "red square|square|polygon"),
+    ],
 ]
 
 
@@ -83,7 +89,9 @@ def test_overfit_regenerates_exact_labels_vocabulary_free(trained, processor):
         for box, _, label in scene:
             candidates = [r for r in found if r["label"] == label]
             assert candidates, f"{label!r} not generated; got {[r['label'] for r in found]}"
-            ious = box_iou(torch.tensor([r["box"] for r in candidates]), torch.tensor([box], dtype=torch.float32))
+            ious = box_iou(
+                torch.tensor([r["box"] for r in candidates]), torch.tensor([box], dtype=torch.float32)
+            )
             assert ious.max() > 0.5
             parsed = candidates[0]
             assert parsed["phrase"] + "|" + parsed["category"] + "|" + parsed["parent_category"] == label
@@ -142,7 +150,9 @@ def test_save_load_gives_identical_generations(trained, processor, tmp_path):
     before = model.generate_object_labels(pixel_values, top_k=3)
     after = reloaded.generate_object_labels(pixel_values, top_k=3)
     assert torch.equal(before.sequences, after.sequences)
-    assert reloaded_processor.batch_decode_labels(after.sequences) == processor.batch_decode_labels(before.sequences)
+    assert reloaded_processor.batch_decode_labels(after.sequences) == processor.batch_decode_labels(
+        before.sequences
+    )
 
 
 def test_loss_dict_has_detection_and_caption_terms(processor):
@@ -150,10 +160,27 @@ def test_loss_dict_has_detection_and_caption_terms(processor):
     model = DetClipV3ForObjectCaptioning(captioning_config(processor)).train()
     pixel_values = torch.stack([render(scene) for scene in SCENES])
     labels = [scene_labels(processor, scene) for scene in SCENES]
-    labels[0]["image_caption_ids"] = processor.encode_caption_targets([["a red and a blue square"]], task="image", max_length=16)["input_ids"]
+    labels[0]["image_caption_ids"] = processor.encode_caption_targets(
+        [["a red and a blue square"]], task="image", max_length=16
+    )["input_ids"]
     concepts = processor(text=[["red square", "blue square"], ["green bar", "red square"]])
-    out = model(pixel_values, input_ids=concepts["input_ids"], attention_mask=concepts["attention_mask"], concept_mask=concepts["concept_mask"], labels=labels)
-    for key in ("loss_alignment", "loss_bbox", "loss_giou", "loss_objectness", "loss_caption", "loss_image_caption", "loss_bbox_enc", "loss_bbox_dn"):
+    out = model(
+        pixel_values,
+        input_ids=concepts["input_ids"],
+        attention_mask=concepts["attention_mask"],
+        concept_mask=concepts["concept_mask"],
+        labels=labels,
+    )
+    for key in (
+        "loss_alignment",
+        "loss_bbox",
+        "loss_giou",
+        "loss_objectness",
+        "loss_caption",
+        "loss_image_caption",
+        "loss_bbox_enc",
+        "loss_bbox_dn",
+    ):
         assert key in out.loss_dict, key
     assert torch.isfinite(out.loss)
 
@@ -166,8 +193,12 @@ def test_gradients_reach_only_the_trained_part(processor, train_detector, train_
     pixel_values = torch.stack([render(scene) for scene in SCENES])
     labels = [scene_labels(processor, scene) for scene in SCENES]
     model(pixel_values, labels=labels).loss.backward()
-    detector_grads = [p.grad for p in model.model.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
-    captioner_grads = [p.grad for p in model.captioner.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    detector_grads = [
+        p.grad for p in model.model.parameters() if p.grad is not None and p.grad.abs().sum() > 0
+    ]
+    captioner_grads = [
+        p.grad for p in model.captioner.parameters() if p.grad is not None and p.grad.abs().sum() > 0
+    ]
     assert bool(detector_grads) == train_detector
     assert bool(captioner_grads) == train_captioner
 
@@ -180,7 +211,9 @@ def test_detector_checkpoint_round_trip(processor, tmp_path, caplog):
     captioning = DetClipV3ForObjectCaptioning.from_pretrained(tmp_path / "det").eval()
     pixel_values = torch.stack([render(scene) for scene in SCENES])
     with torch.no_grad():
-        torch.testing.assert_close(captioning.model(pixel_values).pred_boxes, detector(pixel_values).pred_boxes)
+        torch.testing.assert_close(
+            captioning.model(pixel_values).pred_boxes, detector(pixel_values).pred_boxes
+        )
     captioning.save_pretrained(tmp_path / "cap")
     back = DetClipV3ForObjectDetection.from_pretrained(tmp_path / "cap").eval()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The `detclipv3` command line: detect, caption, demo, train, annotate, card, push, export.
+"""The `detclipv3` command line: detect, caption, train, eval, annotate, card, push, export.
 
 Every sub-command is a thin layer over the Python API; the heavy modules are imported only by the sub-command that
 needs them, so `detclipv3 --help` stays fast.
@@ -25,6 +25,12 @@ EXTERNAL_COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "add_annotate_arguments",
         "run_annotate",
         "auto-annotate image-text pairs into GranuCap-style records",
+    ),
+    "eval": (
+        "detclipv3_hf.evaluation.run",
+        "add_eval_arguments",
+        "run_eval",
+        "COCO AP / LVIS fixed AP (vocabulary mode) or generated-label AP and accuracy (vocabulary-free)",
     ),
     "card": ("detclipv3_hf.hub", "add_card_arguments", "run_card", "write or refresh a checkpoint's model card"),
     "push": ("detclipv3_hf.hub", "add_push_arguments", "run_push", "upload a complete checkpoint to the Hub"),

@@ -13,7 +13,9 @@ def test_end_to_end_with_detclipv3_feeds_the_stage2_reader(tmp_path):
     torch.manual_seed(0)
     tokenizer = build_clip_tokenizer()
     processor = DetClipV3Processor(
-        DetClipV3ImageProcessor(size={"shortest_edge": 32, "longest_edge": 64}), tokenizer, max_concept_tokens=8
+        DetClipV3ImageProcessor(size={"shortest_edge": 32, "longest_edge": 64}),
+        tokenizer,
+        max_concept_tokens=8,
     )
     model = DetClipV3ForObjectDetection(tiny_config(tokenizer)).eval()
     labeller = DetClipV3BoxLabeller(model, processor, threshold=0.0, device="cpu", batch_size=2)
