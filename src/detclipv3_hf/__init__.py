@@ -23,10 +23,10 @@ from .modeling_detclipv3 import (
     DetClipV3CaptioningOutput,
     DetClipV3DetectionOutput,
     DetClipV3ForObjectCaptioning,
-    DetClipV3ObjectLabelsOutput,
     DetClipV3ForObjectDetection,
     DetClipV3Model,
     DetClipV3ModelOutput,
+    DetClipV3ObjectLabelsOutput,
     DetClipV3PreTrainedModel,
 )
 from .pipelines import DetClipV3ZeroShotObjectDetectionPipeline

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 __all__ = ["DetClipV3Criterion", "DetClipV3HungarianMatcher", "build_loss_weights", "prepare_targets"]
 
 DETECTION_TERMS = ("alignment", "bbox", "giou", "objectness")
+# How far (fraction of the image) a target box may exceed [0, 1]: float rounding of converted annotations.
+BOX_TOLERANCE = 0.01
 
 
 def prepare_targets(
@@ -55,6 +57,12 @@ def prepare_targets(
         if (boxes[:, 2:] <= 0).any():
             raise ValueError(
                 f"labels[{i}]['boxes'] has a box with non-positive width or height (cxcywh expected)."
+            )
+        corners = box_convert(boxes, "cxcywh", "xyxy")
+        if ((corners < -BOX_TOLERANCE) | (corners > 1 + BOX_TOLERANCE)).any():
+            raise ValueError(
+                f"labels[{i}]['boxes'] has a box outside the image (corners span [{float(corners.min()):.3f}, "
+                f"{float(corners.max()):.3f}]); boxes must be cxcywh normalised to the un-padded image, in [0, 1]."
             )
         new = {"boxes": boxes}
         if num_concepts is not None:

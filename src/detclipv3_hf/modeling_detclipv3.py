@@ -702,6 +702,11 @@ class DetClipV3PreTrainedModel(PreTrainedModel):
             if module.bidirectional:
                 init.constant_(module.concept_scale, self.config.fusion_layer_scale_init)
         elif isinstance(module, DetClipV3AlignmentHead):
+            # Xavier, not N(0, init_std): with std 0.02 the projected concepts shrink ~100x, their differences vanish
+            # from the logits and training stalls in a saddle where every concept scores alike.
+            for proj in (module.query_proj, module.concept_proj):
+                init.xavier_uniform_(proj.weight)
+                init.zeros_(proj.bias)
             init.zeros_(module.log_scale)
             init.constant_(module.bias, -math.log((1 - module.prior_prob) / module.prior_prob))
         elif isinstance(module, DetClipV3Model):
@@ -1179,7 +1184,9 @@ class DetClipV3Model(DetClipV3PreTrainedModel):
         content = self.query_embed.weight[None, : reference_boxes.shape[1]].expand(memory.shape[0], -1, -1)
         denoising = None
         if self.training and self.config.use_denoising and labels is not None and concepts is not None:
-            denoising = self._denoising_queries(labels, concepts, concept_mask)
+            # Validated first (clear errors for malformed boxes / labels instead of a deep traceback here).
+            targets = prepare_targets(labels, concepts.shape[1], concepts.device)
+            denoising = self._denoising_queries(targets, concepts, concept_mask)
         meta = denoising[2] if denoising is not None else None
         if denoising is not None:
             content = torch.cat([denoising[0], content], 1)
