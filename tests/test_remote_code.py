@@ -110,6 +110,7 @@ def test_save_pretrained_writes_auto_map_and_copies_the_code(saved_folder):
         "AutoConfig": "configuration_detclipv3.DetClipV3Config",
         "AutoModel": "modeling_detclipv3.DetClipV3Model",
         "AutoModelForZeroShotObjectDetection": "modeling_detclipv3.DetClipV3ForObjectDetection",
+        "AutoModelForImageTextToText": "modeling_detclipv3.DetClipV3ForObjectCaptioning",
     }
     processor_config = json.loads((folder / "processor_config.json").read_text())
     assert processor_config["auto_map"] == {"AutoProcessor": "processing_detclipv3.DetClipV3Processor"}

@@ -11,6 +11,7 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
+    AutoModelForImageTextToText,
     AutoModelForZeroShotObjectDetection,
     AutoProcessor,
 )
@@ -29,7 +30,11 @@ from .modeling_detclipv3 import (
     DetClipV3ObjectLabelsOutput,
     DetClipV3PreTrainedModel,
 )
-from .pipelines import DetClipV3ZeroShotObjectDetectionPipeline
+from .pipelines import (
+    DetClipV3ObjectCaptioningPipeline,
+    DetClipV3ZeroShotObjectDetectionPipeline,
+    register_pipelines,
+)
 from .processing_detclipv3 import DetClipV3Processor, parse_hierarchical_label
 
 __version__ = "0.1.0"
@@ -37,6 +42,7 @@ __version__ = "0.1.0"
 AutoConfig.register(DetClipV3Config.model_type, DetClipV3Config, exist_ok=True)
 AutoModel.register(DetClipV3Config, DetClipV3Model, exist_ok=True)
 AutoModelForZeroShotObjectDetection.register(DetClipV3Config, DetClipV3ForObjectDetection, exist_ok=True)
+AutoModelForImageTextToText.register(DetClipV3Config, DetClipV3ForObjectCaptioning, exist_ok=True)
 AutoImageProcessor.register(DetClipV3Config, image_processor_classes=image_processor_backends(), exist_ok=True)
 AutoProcessor.register(DetClipV3Config, DetClipV3Processor, exist_ok=True)
 
@@ -45,10 +51,12 @@ AutoProcessor.register(DetClipV3Config, DetClipV3Processor, exist_ok=True)
 DetClipV3Config.register_for_auto_class("AutoConfig")
 DetClipV3Model.register_for_auto_class("AutoModel")
 DetClipV3ForObjectDetection.register_for_auto_class("AutoModelForZeroShotObjectDetection")
+DetClipV3ForObjectCaptioning.register_for_auto_class("AutoModelForImageTextToText")
 for _image_processor_class in image_processor_backends().values():
     _image_processor_class.register_for_auto_class("AutoImageProcessor")
 del _image_processor_class
 DetClipV3Processor.register_for_auto_class("AutoProcessor")
+register_pipelines()
 
 __all__ = [
     "DetClipV3Captioner",
@@ -65,6 +73,7 @@ __all__ = [
     "DetClipV3ModelOutput",
     "DetClipV3PreTrainedModel",
     "DetClipV3Processor",
+    "DetClipV3ObjectCaptioningPipeline",
     "DetClipV3ZeroShotObjectDetectionPipeline",
     "__version__",
     "parse_hierarchical_label",

@@ -658,6 +658,7 @@ class DetClipV3PreTrainedModel(PreTrainedModel):
     remote_code_auto_map = {
         "AutoModel": "DetClipV3Model",
         "AutoModelForZeroShotObjectDetection": "DetClipV3ForObjectDetection",
+        "AutoModelForImageTextToText": "DetClipV3ForObjectCaptioning",
     }
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:

@@ -23,11 +23,16 @@ from typing import Any
 
 import torch
 from transformers.image_utils import load_image
+from transformers.pipelines.base import Pipeline
 from transformers.pipelines.zero_shot_object_detection import ZeroShotObjectDetectionPipeline
 
 from .processing_detclipv3 import DetClipV3Processor
 
-__all__ = ["DetClipV3ZeroShotObjectDetectionPipeline"]
+__all__ = [
+    "DetClipV3ObjectCaptioningPipeline",
+    "DetClipV3ZeroShotObjectDetectionPipeline",
+    "register_pipelines",
+]
 
 
 class DetClipV3ZeroShotObjectDetectionPipeline(ZeroShotObjectDetectionPipeline):
@@ -136,3 +141,100 @@ class DetClipV3ZeroShotObjectDetectionPipeline(ZeroShotObjectDetectionPipeline):
                     results.append({"score": score, "label": label, "box": self._get_bounding_box(box)})
         results = sorted(results, key=lambda result: result["score"], reverse=True)
         return results[:top_k] if top_k else results
+
+
+class DetClipV3ObjectCaptioningPipeline(Pipeline):
+    """Vocabulary-free detection: finds objects and names each with `phrase|category|parent category`.
+
+    Registered on `import detclipv3_hf` as the task `"object-captioning"`:
+
+        captioner = pipeline("object-captioning", model=folder)
+        captioner(image, threshold=0.3, top_k=100, num_beams=3)
+        # [{"score", "box": [x0, y0, x1, y1] pixels, "label", "phrase", "category", "parent_category"}, ...]
+
+    Takes one image (path, URL or PIL image) or a list; returns one list per image (a single list for one image).
+    `threshold`, `top_k`, `nms_threshold` and any `generate` keyword (`num_beams`, `do_sample`, `max_new_tokens`, ...)
+    are passed through.
+    """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not hasattr(self.model, "generate_object_labels"):
+            raise ValueError(
+                f"object-captioning needs a DetClipV3ForObjectCaptioning model, got {type(self.model).__name__}."
+            )
+        if self.processor is None or not hasattr(self.processor, "post_process_object_captioning"):
+            if self.image_processor is None or self.tokenizer is None:
+                raise ValueError(
+                    "object-captioning needs a DetClipV3Processor or an image processor and a tokenizer."
+                )
+            self.processor = DetClipV3Processor(
+                self.image_processor, self.tokenizer, max_concept_tokens=self.model.config.max_concept_tokens
+            )
+
+    def _sanitize_parameters(
+        self,
+        threshold: float | None = None,
+        top_k: int | None = None,
+        nms_threshold: float | None = None,
+        timeout: float | None = None,
+        **generate_kwargs: Any,
+    ) -> tuple[dict, dict, dict]:
+        preprocess = {"timeout": timeout} if timeout is not None else {}
+        forward = {"generate_kwargs": generate_kwargs}
+        if top_k is not None:
+            forward["top_k"] = top_k
+        postprocess = {}
+        if threshold is not None:
+            postprocess["threshold"] = threshold
+        if nms_threshold is not None:
+            postprocess["nms_threshold"] = nms_threshold
+        return preprocess, forward, postprocess
+
+    def __call__(self, images: Any, **kwargs: Any) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        return super().__call__(images, **kwargs)
+
+    def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, Any]:
+        image = load_image(image, timeout=timeout)
+        features = self.processor(images=image, return_tensors="pt").to(self.dtype)
+        return {"target_size": (image.height, image.width), **features}
+
+    def _forward(
+        self, model_inputs: dict[str, Any], top_k: int = 100, generate_kwargs: dict | None = None
+    ) -> dict:
+        target_size = model_inputs.pop("target_size")
+        outputs = self.model.generate_object_labels(
+            model_inputs["pixel_values"],
+            model_inputs.get("pixel_mask"),
+            top_k=top_k,
+            **(generate_kwargs or {}),
+        )
+        return {"target_size": target_size, "outputs": outputs}
+
+    def postprocess(
+        self, model_outputs: dict[str, Any], threshold: float = 0.3, nms_threshold: float = 0.5
+    ) -> list[dict[str, Any]]:
+        return self.processor.post_process_object_captioning(
+            model_outputs["outputs"],
+            threshold=threshold,
+            target_sizes=[model_outputs["target_size"]],
+            nms_threshold=nms_threshold,
+        )[0]
+
+
+def register_pipelines() -> None:
+    """Registers the `"object-captioning"` task with transformers' pipeline registry (idempotent)."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    PIPELINE_REGISTRY.register_pipeline(
+        "object-captioning",
+        pipeline_class=DetClipV3ObjectCaptioningPipeline,
+        pt_model=AutoModelForImageTextToText,
+        type="multimodal",
+    )
