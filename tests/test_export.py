@@ -33,7 +33,6 @@ def setup(clip_tokenizer):
     with torch.no_grad():  # a fresh init has near-equal token scores (see _selection_margin): spread them out
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.05)
-        model.model.alignment_head.log_scale.fill_(3.0)
     embeds = compute_concept_embeddings(model, processor, VOCABULARY)
     return model, processor, DetClipV3FixedVocabularyDetector(model, embeds)
 
