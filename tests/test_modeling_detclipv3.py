@@ -424,3 +424,15 @@ def test_overfits_two_synthetic_images(processor):
             assert iou > 0.5, f"image {image_index}, {OVERFIT_CONCEPTS[concept]}: IoU {iou:.2f}"
             # ... and name it: its highest-probability concept is the right one.
             assert int(probs[best].argmax()) == concept, f"image {image_index}: {probs[best].tolist()}"
+
+
+def test_concept_encoder_ignores_trailing_padding_columns(clip_tokenizer):
+    """Concepts padded to 8 or to 16 tokens give the same embeddings (trailing padding is trimmed, not encoded)."""
+    torch.manual_seed(0)
+    model = DetClipV3ForObjectDetection(tiny_config(clip_tokenizer, max_concept_tokens=16)).eval()
+    short = clip_tokenizer(["red circle", "cat"], padding="max_length", max_length=8, return_tensors="pt")
+    long = clip_tokenizer(["red circle", "cat"], padding="max_length", max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        a = model.embed_concepts(short["input_ids"][None], short["attention_mask"][None])
+        b = model.embed_concepts(long["input_ids"][None], long["attention_mask"][None])
+    torch.testing.assert_close(a, b)

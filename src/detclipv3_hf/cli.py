@@ -176,7 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         getattr(importlib.import_module(module), add_name)(sub_parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        # Bad input (a wrong path, an invalid option combination): one clear line, no traceback.
+        print(f"detclipv3 {args.command}: error: {error}", file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0
 
 

@@ -457,6 +457,12 @@ class DetClipV3ConceptEncoder(nn.Module):
         CLIP's text embeddings are compared by cosine: they are L2-normalised (times sqrt(D) so the result has unit
         scale per channel) before the linear map to `d_model`.
         """
+        if attention_mask is not None and input_ids.shape[0] > 0:
+            # Padding is trailing and the text tower is causal: dropping the columns no concept uses changes nothing
+            # but the cost (a 16-token budget is mostly padding for typical 3-6 token concepts).
+            length = int(attention_mask.sum(-1).max())
+            if not attention_mask[:, length:].any():  # right padding only (left padding is left untouched)
+                input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
         text_embeds = self.text_model(input_ids=input_ids, attention_mask=attention_mask).text_embeds
         text_embeds = F.normalize(text_embeds, dim=-1) * math.sqrt(text_embeds.shape[-1])
         return self.concept_proj(text_embeds)
@@ -1755,7 +1761,8 @@ class DetClipV3ForObjectCaptioning(DetClipV3PreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
             concept_mask=concept_mask,
             concept_embeds=concept_embeds,
-            labels=labels,
+            # A frozen detector builds no denoising queries: nothing would learn from them.
+            labels=labels if self.config.train_detector else None,
         )
         loss, loss_dict = None, None
         caption_logits = image_caption_logits = None
