@@ -53,15 +53,19 @@ def main() -> None:
     )
     model = DetClipV3ForObjectCaptioning(config).eval()
     pixel_values = torch.randn(1, 3, args.height, args.width)
-    print(f"threads={torch.get_num_threads()} image={args.height}x{args.width} objects={args.objects} "
-          f"label_length={args.label_length} captioner={config.captioner_config.num_hidden_layers}x"
-          f"{config.captioner_config.hidden_size}")
+    print(
+        f"threads={torch.get_num_threads()} image={args.height}x{args.width} objects={args.objects} "
+        f"label_length={args.label_length} captioner={config.captioner_config.num_hidden_layers}x"
+        f"{config.captioner_config.hidden_size}"
+    )
 
     with torch.inference_mode():
         model.model(pixel_values)  # warm-up
         detector_s, outputs = timed(lambda: model.model(pixel_values), args.repeats)
         top = outputs.objectness_logits.topk(args.objects, dim=1).indices
-        states = outputs.last_hidden_state.gather(1, top[..., None].expand(-1, -1, config.d_model)).flatten(0, 1)
+        states = outputs.last_hidden_state.gather(1, top[..., None].expand(-1, -1, config.d_model)).flatten(
+            0, 1
+        )
         boxes = outputs.pred_boxes.gather(1, top[..., None].expand(-1, -1, 4)).flatten(0, 1)
         image_index = torch.zeros(args.objects, dtype=torch.long)
         memory = model._memory_args(outputs)
@@ -70,8 +74,14 @@ def main() -> None:
         )
         results = {}
         for use_cache in (True, False):
-            kwargs = {"max_new_tokens": args.label_length, "min_new_tokens": args.label_length, "use_cache": use_cache}
-            seconds, generated = timed(lambda: model._generate(visual, "obj", dict(kwargs)), args.repeats)
+            kwargs = {
+                "max_new_tokens": args.label_length,
+                "min_new_tokens": args.label_length,
+                "use_cache": use_cache,
+            }
+            seconds, generated = timed(
+                lambda kw=kwargs: model._generate(visual, "obj", dict(kw)), args.repeats
+            )
             assert generated.sequences.shape == (args.objects, args.label_length + 1)
             results[use_cache] = seconds
     cached, uncached = results[True], results[False]
@@ -88,8 +98,10 @@ def main() -> None:
     print(f"labels/s without cache: {args.objects / (visual_s + uncached):.1f}")
     print(f"ratio no-cache / cache generation time: {uncached / cached:.2f}")
     share = captioner / detector_s
-    print(f"captioner adds {100 * share:.1f}% to the detector's latency "
-          f"-> target <= 50%: {'PASS' if share <= 0.5 else 'FAIL'}")
+    print(
+        f"captioner adds {100 * share:.1f}% to the detector's latency "
+        f"-> target <= 50%: {'PASS' if share <= 0.5 else 'FAIL'}"
+    )
 
 
 if __name__ == "__main__":
