@@ -650,6 +650,25 @@ class DetClipV3AlignmentHead(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def init_deformable_attention(module: DetClipV3MultiscaleDeformableAttention) -> None:
+    """Deformable DETR's initialisation: sampling offsets start on rays around the reference point, uniform
+    attention weights, Xavier value / output projections."""
+    init.constant_(module.sampling_offsets.weight, 0.0)
+    thetas = torch.arange(module.num_heads, dtype=torch.float32) * (2.0 * math.pi / module.num_heads)
+    grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+    grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(module.num_heads, 1, 1, 2)
+    grid = grid.repeat(1, module.num_levels, module.num_points, 1)
+    for i in range(module.num_points):
+        grid[:, :, i, :] *= i + 1
+    init.copy_(module.sampling_offsets.bias, grid.flatten())
+    init.constant_(module.attention_weights.weight, 0.0)
+    init.constant_(module.attention_weights.bias, 0.0)
+    init.xavier_uniform_(module.value_proj.weight)
+    init.constant_(module.value_proj.bias, 0.0)
+    init.xavier_uniform_(module.output_proj.weight)
+    init.constant_(module.output_proj.bias, 0.0)
+
+
 class DetClipV3PreTrainedModel(PreTrainedModel):
     config_class = DetClipV3Config
     config: DetClipV3Config
@@ -681,25 +700,17 @@ class DetClipV3PreTrainedModel(PreTrainedModel):
             self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # `_init_weights` only uses `transformers.initialization`, which already leaves loaded parameters alone. The
+        # custom-code shortcut of transformers would instead skip every module without parameters of its own (the
+        # deformable attention, the attention blocks, the input projections) and leave them at PyTorch defaults.
+        super()._initialize_weights(module, is_custom_code=False)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.init_std
         if isinstance(module, DetClipV3MultiscaleDeformableAttention):
-            # Sampling offsets start on rays around the reference point (Deformable DETR).
-            init.constant_(module.sampling_offsets.weight, 0.0)
-            thetas = torch.arange(module.num_heads, dtype=torch.float32) * (2.0 * math.pi / module.num_heads)
-            grid = torch.stack([thetas.cos(), thetas.sin()], -1)
-            grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(module.num_heads, 1, 1, 2)
-            grid = grid.repeat(1, module.num_levels, module.num_points, 1)
-            for i in range(module.num_points):
-                grid[:, :, i, :] *= i + 1
-            init.copy_(module.sampling_offsets.bias, grid.flatten())
-            init.constant_(module.attention_weights.weight, 0.0)
-            init.constant_(module.attention_weights.bias, 0.0)
-            init.xavier_uniform_(module.value_proj.weight)
-            init.constant_(module.value_proj.bias, 0.0)
-            init.xavier_uniform_(module.output_proj.weight)
-            init.constant_(module.output_proj.bias, 0.0)
+            init_deformable_attention(module)
         elif isinstance(module, DetClipV3Attention):
             for proj in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
                 init.xavier_uniform_(proj.weight)
@@ -1550,10 +1561,16 @@ class DetClipV3Captioner(PreTrainedModel, GenerationMixin):
         self.final_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.post_init()
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # `_init_weights` only uses `transformers.initialization`, which already leaves loaded parameters alone. The
+        # custom-code shortcut of transformers would instead skip every module without parameters of its own (the
+        # deformable attention, the attention blocks, the input projections) and leave them at PyTorch defaults.
+        super()._initialize_weights(module, is_custom_code=False)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, DetClipV3MultiscaleDeformableAttention):
-            DetClipV3PreTrainedModel._init_weights(self, module)
+            init_deformable_attention(module)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
