@@ -30,9 +30,11 @@ def setup(clip_tokenizer):
     )
     torch.manual_seed(0)
     model = DetClipV3ForObjectDetection(tiny_config(processor.tokenizer)).eval()
-    with torch.no_grad():  # a fresh init has near-equal token scores (see _selection_margin): spread them out
+    with torch.no_grad():  # a fresh init has near-equal token scores: spread them out
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.05)
+        # Identical query contents make a tie-swap in top-k selection a mere permutation of the queries (see below).
+        model.model.query_embed.weight.zero_()
     embeds = compute_concept_embeddings(model, processor, VOCABULARY)
     return model, processor, DetClipV3FixedVocabularyDetector(model, embeds)
 
@@ -59,25 +61,15 @@ def test_wrapper_equals_model_with_text_inputs(setup):
     assert logits.shape == (2, model.config.num_queries, len(VOCABULARY))
 
 
-def _selection_margin(detector: DetClipV3FixedVocabularyDetector, pixel_values: torch.Tensor) -> float:
-    """Smallest gap between the sorted token scores of language-guided query selection, over the batch.
+def _query_order(pred_boxes: torch.Tensor) -> torch.Tensor:
+    """`(B, Q)` indices that sort each image's queries by their predicted box (cx, then cy)."""
+    key = pred_boxes[..., 0] * 1e3 + pred_boxes[..., 1]
+    return key.argsort(dim=1)
 
-    Each selected token's rank decides which learned query content it gets, so two tokens whose scores agree to float
-    precision may swap between runtimes (ONNX Runtime's TopK vs torch.topk) and change those queries' outputs. The ONNX
-    comparison runs on images whose ranking is unambiguous.
-    """
-    trunk = detector.trunk
-    mask = torch.ones_like(pixel_values[:, 0], dtype=torch.bool)
-    concepts = detector.concept_embeds[None].expand(pixel_values.shape[0], -1, -1)
-    concept_mask = torch.ones(concepts.shape[:2], dtype=torch.bool)
-    with torch.no_grad():
-        tokens, token_mask, pos, shapes, ratios = trunk._embed_image(pixel_values, mask)
-        memory, concepts = trunk._encode(tokens, token_mask, pos, shapes, ratios, concepts, concept_mask)
-        anchors, valid = trunk._proposal_anchors(token_mask, shapes, ratios)
-        proposals = trunk.enc_output_norm(trunk.enc_output(memory.masked_fill(~valid[..., None], 0.0)))
-        best = trunk.alignment_head(proposals, concepts, concept_mask).max(-1).values
-    ranked = best.sort(dim=1, descending=True).values[:, : trunk.config.num_queries + 1]
-    return float((ranked[:, :-1] - ranked[:, 1:]).min())
+
+def _gather_queries(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    index = order.view(order.shape + (1,) * (values.ndim - 2)).expand(*order.shape, *values.shape[2:])
+    return torch.gather(values, 1, index)
 
 
 def test_onnx_matches_pytorch_with_dynamic_batch(setup, tmp_path):
@@ -90,14 +82,19 @@ def test_onnx_matches_pytorch_with_dynamic_batch(setup, tmp_path):
     for seed in range(40):
         batch = 1 + seed % 3  # 1 and 3 differ from the export batch
         pixel_values = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
-        if _selection_margin(detector, pixel_values) < 1e-4:
-            continue
         pixel_mask = torch.ones(batch, 64, 64, dtype=torch.long)
         outputs = session.run(None, {"pixel_values": pixel_values.numpy(), "pixel_mask": pixel_mask.numpy()})
         with torch.no_grad():
             expected = detector(pixel_values, pixel_mask)
+        # Queries whose selection scores tie to float precision may come out in another order from ONNX Runtime's
+        # TopK; the learned query contents are zeroed in the fixture, so such a swap only permutes the queries.
+        # Compare in a canonical query order (sorted by predicted box).
+        got_order = _query_order(torch.from_numpy(outputs[1]))
+        want_order = _query_order(expected[1])
         for got, want in zip(outputs, expected):
-            np.testing.assert_allclose(got, want.numpy(), atol=1e-3, rtol=0)
+            got = _gather_queries(torch.from_numpy(got), got_order)
+            want = _gather_queries(want, want_order)
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-3, rtol=0)
         checked += batch
     assert checked >= 3
 
@@ -122,8 +119,15 @@ def test_export_cli_writes_file_and_vocabulary(setup, tmp_path):
     vocab_file.write_text("cat\n\nred bus\n")
     parser = add_export_arguments(argparse.ArgumentParser())
     args = parser.parse_args(
-        [str(tmp_path / "ckpt"), str(tmp_path / "out" / "det.onnx"), "--vocabulary-file", str(vocab_file),
-         "--image-size", "64", "64"]
+        [
+            str(tmp_path / "ckpt"),
+            str(tmp_path / "out" / "det.onnx"),
+            "--vocabulary-file",
+            str(vocab_file),
+            "--image-size",
+            "64",
+            "64",
+        ]
     )
     assert run_export(args) == 0
     assert (tmp_path / "out" / "det.onnx").stat().st_size > 0

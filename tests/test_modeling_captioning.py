@@ -9,6 +9,7 @@ from detclipv3_hf import DetClipV3ImageProcessor, DetClipV3Processor
 from detclipv3_hf.modeling_detclipv3 import DetClipV3ForObjectCaptioning, DetClipV3ForObjectDetection
 
 SIZE = 64
+OVERFIT_STEPS = 450
 SCENES = [
     [
         ((8, 8, 28, 30), (1.0, 0.0, 0.0), "red square|square|polygon"),
@@ -71,7 +72,7 @@ def trained(processor):
     labels = [scene_labels(processor, scene) for scene in SCENES]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
-    for _ in range(300):
+    for _ in range(OVERFIT_STEPS):
         loss = model(pixel_values, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()

@@ -19,7 +19,7 @@ from detclipv3_hf import (
     DetClipV3Model,
     DetClipV3Processor,
 )
-from detclipv3_hf.modeling_detclipv3 import PADDED_CONCEPT_LOGIT
+from detclipv3_hf.modeling_detclipv3 import PADDED_CONCEPT_LOGIT, DetClipV3MultiscaleDeformableAttention
 
 SIZE = {"shortest_edge": 64, "longest_edge": 64}
 INPUT_KEYS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "concept_mask")
@@ -28,7 +28,9 @@ INPUT_KEYS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "conc
 @pytest.fixture(scope="module")
 def processor():
     # A fresh tokenizer: the processor adds [OBJ]/[IMG] to it, which must not leak into the session fixture.
-    return DetClipV3Processor(DetClipV3ImageProcessor(size=SIZE), build_clip_tokenizer(), max_concept_tokens=8)
+    return DetClipV3Processor(
+        DetClipV3ImageProcessor(size=SIZE), build_clip_tokenizer(), max_concept_tokens=8
+    )
 
 
 def _model(processor, seed: int = 0, **overrides) -> DetClipV3ForObjectDetection:
@@ -48,7 +50,10 @@ def _inputs(processor, images, concepts) -> dict[str, torch.Tensor]:
 
 def _labels() -> list[dict[str, torch.Tensor]]:
     return [
-        {"boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.3]]), "class_labels": torch.tensor([0, 1])},
+        {
+            "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.3]]),
+            "class_labels": torch.tensor([0, 1]),
+        },
         {"boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]]), "class_labels": torch.tensor([0])},
     ]
 
@@ -68,7 +73,10 @@ def test_output_shapes_and_dtypes(processor):
     assert out.pred_boxes.shape == (batch, queries, 4)
     assert ((out.pred_boxes >= 0) & (out.pred_boxes <= 1)).all()
     assert out.objectness_logits.shape == (batch, queries)
-    assert out.concept_mask.dtype == torch.bool and out.concept_mask.tolist() == [[True] * 3, [True, False, False]]
+    assert out.concept_mask.dtype == torch.bool and out.concept_mask.tolist() == [
+        [True] * 3,
+        [True, False, False],
+    ]
     assert out.concept_embeds.shape == (batch, concepts, dim)
     assert out.last_hidden_state.shape == (batch, queries, dim)
     assert out.intermediate_logits.shape == (layers, batch, queries, concepts)
@@ -90,7 +98,11 @@ def test_output_shapes_and_dtypes(processor):
 def test_two_dimensional_input_ids_mean_one_concept_per_image(processor):
     model = _model(processor).eval()
     inputs = _inputs(processor, _images(2), [["cat"], ["dog"]])
-    flat = {**inputs, "input_ids": inputs["input_ids"][:, 0], "attention_mask": inputs["attention_mask"][:, 0]}
+    flat = {
+        **inputs,
+        "input_ids": inputs["input_ids"][:, 0],
+        "attention_mask": inputs["attention_mask"][:, 0],
+    }
     flat.pop("concept_mask")
     with torch.no_grad():
         three_d, two_d = model(**inputs), model(**flat)
@@ -147,13 +159,22 @@ def test_return_dict_false_gives_the_same_values_as_a_tuple(processor):
 
 
 def _perturb_zero_initialised_heads(model: DetClipV3ForObjectDetection) -> None:
-    """The box heads' last layers start at zero (boxes = reference boxes), which blocks gradients to the layers
-    before them; give them small random weights so every parameter's gradient can be checked."""
+    """Some layers start at zero and block gradients to what feeds them: the box heads' last layers (boxes =
+    reference boxes) and the deformable attentions' offset / weight projections (sampling starts query-independent,
+    so the positions and level embeddings get no gradient yet). Give them small random weights so every parameter's
+    gradient can be checked."""
     generator = torch.Generator().manual_seed(1)
+    zero_started = [
+        p
+        for head in list(model.model.box_heads) + [model.model.enc_box_head]
+        for p in head.layers[-1].parameters()
+    ]
+    for module in model.modules():
+        if isinstance(module, DetClipV3MultiscaleDeformableAttention):
+            zero_started += [module.sampling_offsets.weight, module.attention_weights.weight]
     with torch.no_grad():
-        for head in list(model.model.box_heads) + [model.model.enc_box_head]:
-            for param in head.layers[-1].parameters():
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+        for param in zero_started:
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
 
 
 def test_loss_is_finite_and_gradients_reach_every_trainable_parameter(processor):
@@ -239,7 +260,9 @@ def test_concept_cache(processor):
     encoded = processor.encode_concepts([vocabulary])
     args = (encoded["input_ids"], encoded["attention_mask"], encoded["concept_mask"])
     encodes = []
-    model.model.concept_encoder.register_forward_hook(lambda module, inp, out: encodes.append(inp[0].shape[0]))
+    model.model.concept_encoder.register_forward_hook(
+        lambda module, inp, out: encodes.append(inp[0].shape[0])
+    )
     with torch.no_grad():
         uncached = model.embed_concepts(*args)
         cached = model.embed_concepts(*args, cache_keys=vocabulary)
@@ -253,7 +276,10 @@ def test_concept_cache(processor):
     encoded = processor.encode_concepts([["dog", "tree"]])
     with torch.no_grad():
         mixed = model.embed_concepts(
-            encoded["input_ids"], encoded["attention_mask"], encoded["concept_mask"], cache_keys=["dog", "tree"]
+            encoded["input_ids"],
+            encoded["attention_mask"],
+            encoded["concept_mask"],
+            cache_keys=["dog", "tree"],
         )
     assert encodes[-1] == 1
     torch.testing.assert_close(mixed[0, 0], uncached[0, 1])
@@ -290,9 +316,17 @@ def test_bad_inputs_give_clear_errors(processor):
     with pytest.raises(ValueError, match=r"Image\(s\) \[1\] have no concepts"):
         model(**no_concepts)
     with pytest.raises(ValueError, match=r"have no concepts"):
-        model(pixel_values=inputs["pixel_values"], concept_embeds=torch.zeros(2, 2, 32), concept_mask=torch.zeros(2, 2))
+        model(
+            pixel_values=inputs["pixel_values"],
+            concept_embeds=torch.zeros(2, 2, 32),
+            concept_mask=torch.zeros(2, 2),
+        )
 
-    mismatched = {**inputs, "pixel_values": inputs["pixel_values"][:1], "pixel_mask": inputs["pixel_mask"][:1]}
+    mismatched = {
+        **inputs,
+        "pixel_values": inputs["pixel_values"][:1],
+        "pixel_mask": inputs["pixel_mask"][:1],
+    }
     with pytest.raises(ValueError, match="Got 1 images but concepts for 2"):
         model(**mismatched)
     with pytest.raises(ValueError, match="Got 2 images but concepts for 3"):
@@ -338,7 +372,10 @@ def test_bad_inputs_give_clear_errors(processor):
         ([{"boxes": [[0.5, float("inf"), 0.2, 0.1]], "class_labels": [0]}] * 2, "NaN or infinite"),
         ([{"boxes": [[1.4, 0.5, 0.2, 0.2]], "class_labels": [0]}] * 2, "outside the image"),
         ([{"boxes": [[0.5, 0.5, 0.2, 0.2]], "class_labels": [5]}] * 2, "must index the image's 2 concepts"),
-        ([{"boxes": [[0.5, 0.5, 0.2, 0.2]], "class_labels": [0]}], "Got labels for 1 images but the batch has 2"),
+        (
+            [{"boxes": [[0.5, 0.5, 0.2, 0.2]], "class_labels": [0]}],
+            "Got labels for 1 images but the batch has 2",
+        ),
     ],
 )
 def test_invalid_labels_are_refused(processor, labels, message):
@@ -385,7 +422,9 @@ def _optimizer(model: DetClipV3ForObjectDetection) -> torch.optim.Optimizer:
     concept_side += list(model.model.alignment_head.concept_proj.parameters())
     slow = {id(p) for p in concept_side}
     rest = [p for p in model.parameters() if id(p) not in slow]
-    return torch.optim.AdamW([{"params": concept_side, "lr": 1e-5}, {"params": rest, "lr": 1e-3}], weight_decay=1e-4)
+    return torch.optim.AdamW(
+        [{"params": concept_side, "lr": 1e-5}, {"params": rest, "lr": 1e-3}], weight_decay=1e-4
+    )
 
 
 def test_overfits_two_synthetic_images(processor):
