@@ -133,3 +133,21 @@ def test_three_stages_train_only_their_parameters(
     assert any(n.startswith("model.") for n in changed3) and any(n.startswith("captioner.") for n in changed3)
     assert (tmp_path / "s3" / "generation_config.json").is_file()
     DetClipV3Processor.from_pretrained(tmp_path / "s3")
+
+
+def test_fresh_config_takes_the_tokenizers_vocabulary_and_special_ids():
+    """A fresh config with CLIP's default ids (49406 / 49407, outside a small vocabulary) must follow the tokenizer,
+    or the text tower would pool every concept at the same position."""
+    from tiny import build_clip_tokenizer
+
+    from detclipv3_hf import DetClipV3Config, DetClipV3ImageProcessor, DetClipV3Processor
+    from detclipv3_hf.training.trainer import _fill_token_ids
+
+    processor = DetClipV3Processor(DetClipV3ImageProcessor(), build_clip_tokenizer(), max_concept_tokens=8)
+    config = DetClipV3Config()
+    _fill_token_ids(config, processor, fresh=True)
+    tokenizer = processor.tokenizer
+    assert config.text_config.vocab_size == len(tokenizer) == config.captioner_config.vocab_size
+    assert config.text_config.eos_token_id == tokenizer.eos_token_id
+    assert config.captioner_config.eos_token_id == tokenizer.eos_token_id
+    assert config.captioner_config.obj_token_id == processor.obj_token_id

@@ -153,15 +153,18 @@ def _fill_token_ids(model_config: DetClipV3Config, processor: DetClipV3Processor
     the ids it lacks (a stage-1 folder has no task-token ids yet)."""
     vocab = len(processor.tokenizer)
     captioner = model_config.captioner_config
+    tokenizer = processor.tokenizer
     if fresh:
-        model_config.text_config.vocab_size = max(model_config.text_config.vocab_size, vocab)
+        # The tokenizer defines a fresh model's vocabulary and special ids: the CLIP text tower pools at the end
+        # token, so an `eos_token_id` the tokenizer does not use would pool every concept at the same position.
+        text = model_config.text_config
+        text.vocab_size = vocab
+        text.bos_token_id, text.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        text.pad_token_id = tokenizer.pad_token_id
     for key, value in processor.captioner_token_ids().items():
         if not hasattr(captioner, key):
             continue
-        if key == "vocab_size":
-            if fresh:
-                captioner.vocab_size = max(captioner.vocab_size or 0, value)
-        elif getattr(captioner, key) is None or (fresh and key in ("obj_token_id", "img_token_id")):
+        if fresh or getattr(captioner, key) is None:
             setattr(captioner, key, value)
     for name, sub in (("text_config", model_config.text_config), ("captioner_config", captioner)):
         if sub.vocab_size is not None and sub.vocab_size < vocab:
