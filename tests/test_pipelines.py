@@ -18,6 +18,8 @@ from detclipv3_hf import (
 
 SIZE = {"shortest_edge": 64, "longest_edge": 64}
 THRESHOLD = 0.3
+# The exact-agreement test also needs detections of several labels: a lower bar for its randomly initialised model.
+JOINT_THRESHOLD = 0.05
 
 
 def _save_tiny_model(folder, **overrides) -> DetClipV3ForObjectDetection:
@@ -109,26 +111,26 @@ def test_joint_pipeline_matches_the_stock_pipeline_when_concepts_are_independent
     assert type(joint) is DetClipV3ZeroShotObjectDetectionPipeline
     assert isinstance(joint.processor, DetClipV3Processor)
     image, labels = _image(3), ["cat", "dog", "red bus"]
-    expected = stock(image, candidate_labels=labels, threshold=THRESHOLD)
-    actual = joint(image, candidate_labels=labels, threshold=THRESHOLD)
+    expected = stock(image, candidate_labels=labels, threshold=JOINT_THRESHOLD)
+    actual = joint(image, candidate_labels=labels, threshold=JOINT_THRESHOLD)
     assert len({r["label"] for r in expected}) > 1  # the comparison covers several labels
     _same_detections(actual, expected)
     # top_k keeps the best detections, as the stock pipeline does.
     _same_detections(
-        joint(image, candidate_labels=labels, threshold=THRESHOLD, top_k=3),
-        stock(image, candidate_labels=labels, threshold=THRESHOLD, top_k=3),
+        joint(image, candidate_labels=labels, threshold=JOINT_THRESHOLD, top_k=3),
+        stock(image, candidate_labels=labels, threshold=JOINT_THRESHOLD, top_k=3),
     )
     # Lists of images with per-image labels, and the comma-separated string form.
     images = [_image(4), _image(5, 64, 40)]
     per_image_labels = [["cat", "tree"], ["dog"]]
     for got, want in zip(
-        joint(images, candidate_labels=per_image_labels, threshold=THRESHOLD),
-        stock(images, candidate_labels=per_image_labels, threshold=THRESHOLD),
+        joint(images, candidate_labels=per_image_labels, threshold=JOINT_THRESHOLD),
+        stock(images, candidate_labels=per_image_labels, threshold=JOINT_THRESHOLD),
     ):
         _same_detections(got, want)
     _same_detections(
-        joint(image, candidate_labels="cat,dog", threshold=THRESHOLD),
-        stock(image, candidate_labels="cat,dog", threshold=THRESHOLD),
+        joint(image, candidate_labels="cat,dog", threshold=JOINT_THRESHOLD),
+        stock(image, candidate_labels="cat,dog", threshold=JOINT_THRESHOLD),
     )
 
 
