@@ -41,10 +41,10 @@ def setup(clip_tokenizer):
 
 def _images(batch: int, padded: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(batch)
-    pixel_values = torch.randn(batch, 3, 64, 64, generator=generator)
-    pixel_mask = torch.ones(batch, 64, 64, dtype=torch.long)
+    pixel_values = torch.randn(batch, 3, 128, 128, generator=generator)
+    pixel_mask = torch.ones(batch, 128, 128, dtype=torch.long)
     if padded:
-        pixel_mask[-1, :, 44:] = 0  # a padded image
+        pixel_mask[-1, :, 88:] = 0  # a padded image
     return pixel_values, pixel_mask
 
 
@@ -72,17 +72,19 @@ def _gather_queries(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return torch.gather(values, 1, index)
 
 
-def test_onnx_matches_pytorch_with_dynamic_batch(setup, tmp_path):
+def test_onnx_matches_pytorch_with_dynamic_batch_and_size(setup, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     _, _, detector = setup
     path = export_onnx(detector, tmp_path / "detector.onnx", image_size=(64, 64), batch_size=2)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["pixel_values", "pixel_mask"]
     checked = 0
-    for seed in range(40):
+    sizes = [(128, 128), (96, 160), (160, 96), (112, 144)]  # dynamic height and width (>= 96 px)
+    for seed in range(12):
         batch = 1 + seed % 3  # 1 and 3 differ from the export batch
-        pixel_values = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
-        pixel_mask = torch.ones(batch, 64, 64, dtype=torch.long)
+        height, width = sizes[seed % len(sizes)]
+        pixel_values = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+        pixel_mask = torch.ones(batch, height, width, dtype=torch.long)
         outputs = session.run(None, {"pixel_values": pixel_values.numpy(), "pixel_mask": pixel_mask.numpy()})
         with torch.no_grad():
             expected = detector(pixel_values, pixel_mask)
@@ -103,6 +105,14 @@ def test_torch_export_matches_pytorch(setup):
     _, _, detector = setup
     program = export_program(detector, image_size=(64, 64), batch_size=2)
     pixel_values, pixel_mask = _images(3)
+    with torch.no_grad():
+        got = program.module()(pixel_values, pixel_mask)
+        want = detector(pixel_values, pixel_mask)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # Another image size through the same program: height and width are dynamic.
+    pixel_values = torch.randn(1, 3, 150, 97, generator=torch.Generator().manual_seed(7))
+    pixel_mask = torch.ones(1, 150, 97, dtype=torch.long)
     with torch.no_grad():
         got = program.module()(pixel_values, pixel_mask)
         want = detector(pixel_values, pixel_mask)

@@ -7,10 +7,9 @@ alignment logits against every vocabulary concept, boxes and objectness:
     pixel_values (B, 3, H, W) float, pixel_mask (B, H, W) int64 (1 = real pixel)
       -> logits (B, Q, M), pred_boxes (B, Q, 4) cxcywh normalised to the un-padded image, objectness_logits (B, Q)
 
-The batch dimension is dynamic; the image size is fixed at export time (pad or resize inputs to it, as the image
-processor does with `pad_size`). Dynamic image sizes are blocked by the model file: the deformable attention builds its
-offset normaliser with `torch.tensor(spatial_shapes)` from Python ints, which specialises every feature-map size to
-the example's (see the report of issue 5 for the one-line change that lifts this).
+With `dynamic=True` (the default) batch, height and width are all dynamic: the model keeps every feature-map size
+symbolic (no tensors are built from sizes), so one exported file serves any image size and batch. The legacy
+TorchScript exporter (`dynamo=False`) supports a dynamic batch only.
 
 The wrapper runs the trunk's named steps (`_embed_image`, `_encode`, `_select_queries`, `_decode`, `_predict`) rather
 than `DetClipV3Model.forward`, because the forward's input checks (`torch.isfinite(...).all()`, lists of empty images
@@ -144,12 +143,28 @@ def _example_inputs(
     return pixel_values, torch.ones(batch, height, width, dtype=torch.long)
 
 
+MIN_DYNAMIC_SIZE = 96
+# A dynamic export is traced on an example of at least this size (its coarsest level then has 2 x 2 cells).
+DYNAMIC_EXAMPLE_SIZE = 128
+
+
+def _example_size(image_size: tuple[int, int], dynamic: bool) -> tuple[int, int]:
+    if not dynamic:
+        return image_size
+    return max(image_size[0], DYNAMIC_EXAMPLE_SIZE), max(image_size[1], DYNAMIC_EXAMPLE_SIZE)
+
+
 def _dynamic_shapes(dynamic: bool) -> dict[str, dict[int, Any]] | None:
-    """Dynamic batch only: the image size is fixed at export (see the module docstring for why)."""
+    """Dynamic batch (1..64), height and width (96..4096 px).
+
+    The minimum keeps every feature level (down to stride 64) at least 2 cells wide: PyTorch specialises size-1
+    dimensions, so a level of size 1 would be a different graph."""
     if not dynamic:
         return None
     batch = torch.export.Dim("batch", min=1, max=64)
-    return {"pixel_values": {0: batch}, "pixel_mask": {0: batch}}
+    height = torch.export.Dim("height", min=MIN_DYNAMIC_SIZE, max=4096)
+    width = torch.export.Dim("width", min=MIN_DYNAMIC_SIZE, max=4096)
+    return {"pixel_values": {0: batch, 2: height, 3: width}, "pixel_mask": {0: batch, 1: height, 2: width}}
 
 
 def export_program(
@@ -164,9 +179,9 @@ def export_program(
         detector: The wrapper to export.
         image_size: (height, width) of the example input (any size with `dynamic=True`).
         batch_size: Batch of the example input.
-        dynamic: Export the batch dimension as dynamic (1..64); the image size is fixed.
+        dynamic: Export batch (1..64), height and width (32..4096) as dynamic dimensions.
     """
-    inputs = _example_inputs(batch_size, *image_size, detector.concept_embeds.dtype)
+    inputs = _example_inputs(batch_size, *_example_size(image_size, dynamic), detector.concept_embeds.dtype)
     with torch.no_grad():
         return torch.export.export(
             detector.eval(), inputs, dynamic_shapes=_dynamic_shapes(dynamic), strict=False
@@ -185,7 +200,7 @@ def export_onnx(
     """Writes an ONNX file of the fixed-vocabulary detector; returns the path.
 
     Inputs `pixel_values` (B, 3, H, W) float32 and `pixel_mask` (B, H, W) int64; outputs `logits`, `pred_boxes`,
-    `objectness_logits`. With `dynamic`, the batch dimension is dynamic; H and W are those of `image_size`.
+    `objectness_logits`. With `dynamic`, batch, H and W are dynamic (with `dynamo=False`: the batch only).
 
     Args:
         dynamo: Use the `torch.export`-based exporter (default) instead of the legacy TorchScript tracer. The tracer is
@@ -194,7 +209,9 @@ def export_onnx(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    inputs = _example_inputs(batch_size, *image_size, detector.concept_embeds.dtype)
+    inputs = _example_inputs(
+        batch_size, *_example_size(image_size, dynamic and dynamo), detector.concept_embeds.dtype
+    )
     detector = detector.eval()
     with torch.no_grad():
         if dynamo:
