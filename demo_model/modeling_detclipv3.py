@@ -330,9 +330,15 @@ class DetClipV3MultiscaleDeformableAttention(nn.Module):
             batch, num_queries, self.num_heads, self.num_levels, self.num_points
         )
         if reference_points.shape[-1] == 2:
-            shapes = torch.tensor(spatial_shapes, dtype=offsets.dtype, device=offsets.device)
-            normalizer = shapes.flip(-1)[None, None, None, :, None, :]  # (w, h) per level
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer
+            # Offsets are in pixels of each level: divide x by the level's width and y by its height. Dividing by the
+            # sizes (instead of building a tensor of them) keeps them symbolic for `torch.export` with dynamic H, W.
+            scaled = [
+                torch.stack(
+                    [offsets[:, :, :, level, :, 0] / width, offsets[:, :, :, level, :, 1] / height], -1
+                )
+                for level, (height, width) in enumerate(spatial_shapes)
+            ]
+            locations = reference_points[:, :, None, :, None, :] + torch.stack(scaled, dim=3)
         elif reference_points.shape[-1] == 4:
             centers = reference_points[:, :, None, :, None, :2]
             sizes = reference_points[:, :, None, :, None, 2:]
@@ -947,8 +953,8 @@ class DetClipV3Model(DetClipV3PreTrainedModel):
         device, dtype = valid_ratios.device, valid_ratios.dtype
         for level, (height, width) in enumerate(spatial_shapes):
             ys, xs = torch.meshgrid(
-                torch.linspace(0.5, height - 0.5, height, dtype=dtype, device=device),
-                torch.linspace(0.5, width - 0.5, width, dtype=dtype, device=device),
+                torch.arange(height, dtype=dtype, device=device) + 0.5,
+                torch.arange(width, dtype=dtype, device=device) + 0.5,
                 indexing="ij",
             )
             ys = ys.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
