@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -692,19 +693,38 @@ class DetClipV3PreTrainedModel(PreTrainedModel):
         "AutoModelForImageTextToText": "DetClipV3ForObjectCaptioning",
     }
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+    # Set by `import detclipv3_hf` to `detclipv3_hf.hub.write_model_card`: this file cannot import the Hub helpers
+    # itself (a saved folder ships the model files only, as remote code).
+    model_card_writer: Callable[..., Any] | None = None
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args, model_card: bool | dict = False, **kwargs
+    ) -> None:
         """`PreTrainedModel.save_pretrained`, with the full `auto_map` in `config.json` when saving remote code.
 
         The package registers the classes with `register_for_auto_class`, so transformers copies the model files
         (configuration, modeling, loss) next to the weights; the folder then loads with `trust_remote_code=True`
         where this package is not installed.
+
+        Args:
+            model_card: also write `README.md` (a model card, see `detclipv3_hf.hub.build_model_card`); a dict is
+                passed to the card writer as keyword arguments (`eval_results`, `training_info`, `license`, ...).
+                Save the processor first so the card can describe it.
         """
         if self.is_remote_code():
             module = type(self).__module__.rsplit(".", 1)[-1]
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             auto_map.update({auto: f"{module}.{name}" for auto, name in self.remote_code_auto_map.items()})
             self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if model_card:
+            if self.model_card_writer is None:
+                raise RuntimeError(
+                    "Writing a model card needs the detclipv3-hf package (`pip install detclipv3-hf`, then "
+                    "`import detclipv3_hf`); this model was loaded as remote code without it."
+                )
+            self.model_card_writer(save_directory, **(model_card if isinstance(model_card, dict) else {}))
+        return result
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # `_init_weights` only uses `transformers.initialization`, which already leaves loaded parameters alone. The

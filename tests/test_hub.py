@@ -42,8 +42,16 @@ def checkpoint(tmp_path_factory, clip_tokenizer) -> Path:
 
 @pytest.fixture()
 def results_json(tmp_path) -> Path:
-    evaluation = {"AP": 0.471, "AP50": 0.62, "APr": float("nan"), "per_category": {"cat": 0.5}, "num_images": 4}
-    return save_results(build_results_record("detection-lvis-fixed", "lvis_v1_minival", evaluation), tmp_path / "r.json")
+    evaluation = {
+        "AP": 0.471,
+        "AP50": 0.62,
+        "APr": float("nan"),
+        "per_category": {"cat": 0.5},
+        "num_images": 4,
+    }
+    return save_results(
+        build_results_record("detection-lvis-fixed", "lvis_v1_minival", evaluation), tmp_path / "r.json"
+    )
 
 
 def _copy(folder: Path, tmp_path: Path) -> Path:
@@ -74,8 +82,17 @@ def test_card_metadata_and_model_index(checkpoint, results_json, tmp_path):
     assert values == {"mAP": pytest.approx(47.1), "mAP@0.5": pytest.approx(62.0)}
     assert {r.dataset_type for r in results} == {"lvis_v1_minival"}
     text = path.read_text()
-    for section in ("## Model", "## Training", "## Evaluation", "## How to use", "### Pipeline",
-                    "### Auto classes", "### Object captioning", "### Fine-tuning with PEFT", "## Limits"):
+    for section in (
+        "## Model",
+        "## Training",
+        "## Evaluation",
+        "## How to use",
+        "### Pipeline",
+        "### Auto classes",
+        "### Object captioning",
+        "### Fine-tuning with PEFT",
+        "## Limits",
+    ):
         assert section in text
     assert "1234" in text and "objects365, goldg" in text
     validate_model_card(path)
@@ -106,7 +123,9 @@ def test_validate_rejects_broken_metadata(tmp_path):
         "license": "mit",
         "library_name": "transformers",
         "pipeline_tag": "zero-shot-object-detection",
-        "model-index": [{"name": "x", "results": [{"task": {"type": "t"}, "metrics": [{"type": "mAP", "value": 1}]}]}],
+        "model-index": [
+            {"name": "x", "results": [{"task": {"type": "t"}, "metrics": [{"type": "mAP", "value": 1}]}]}
+        ],
     }
     card.write_text(f"---\n{yaml.safe_dump(meta)}---\n# x\n")
     with pytest.raises(ValueError, match="model.index"):
@@ -136,7 +155,9 @@ def test_complete_folder_passes_check(checkpoint, tmp_path):
         (lambda f: (f / "README.md").unlink(), "README.md"),
         (
             lambda f: (f / "config.json").write_text(
-                json.dumps({k: v for k, v in json.loads((f / "config.json").read_text()).items() if k != "auto_map"})
+                json.dumps(
+                    {k: v for k, v in json.loads((f / "config.json").read_text()).items() if k != "auto_map"}
+                )
             ),
             "auto_map",
         ),
@@ -158,10 +179,16 @@ def test_push_complete_folder_calls_hub(checkpoint, tmp_path):
     api = mock.MagicMock()
     api.create_repo.return_value = mock.Mock(repo_id="user/model")
     push_checkpoint(folder, "user/model", private=True, revision="v1", api=api)
-    api.create_repo.assert_called_once_with(repo_id="user/model", private=True, exist_ok=True, repo_type="model")
-    api.create_branch.assert_called_once_with(repo_id="user/model", branch="v1", exist_ok=True, repo_type="model")
+    api.create_repo.assert_called_once_with(
+        repo_id="user/model", private=True, exist_ok=True, repo_type="model"
+    )
+    api.create_branch.assert_called_once_with(
+        repo_id="user/model", branch="v1", exist_ok=True, repo_type="model"
+    )
     kwargs = api.upload_folder.call_args.kwargs
-    assert kwargs["folder_path"] == str(folder) and kwargs["revision"] == "v1" and kwargs["create_pr"] is False
+    assert (
+        kwargs["folder_path"] == str(folder) and kwargs["revision"] == "v1" and kwargs["create_pr"] is False
+    )
     assert [name for name, *_ in api.method_calls] == ["create_repo", "create_branch", "upload_folder"]
 
 
@@ -173,7 +200,10 @@ def test_push_cli_create_pr_and_refusal(checkpoint, tmp_path, capsys):
     assert api.method_calls == [] and "README.md" in capsys.readouterr().out
     write_model_card(folder)
     api.create_repo.return_value = mock.Mock(repo_id="user/model")
-    assert run_push(parser.parse_args([str(folder), "user/model", "--create-pr", "--revision", "dev"]), api=api) == 0
+    assert (
+        run_push(parser.parse_args([str(folder), "user/model", "--create-pr", "--revision", "dev"]), api=api)
+        == 0
+    )
     api.create_branch.assert_not_called()  # a PR targets the revision without creating it
     assert api.upload_folder.call_args.kwargs["create_pr"] is True
 
@@ -181,3 +211,21 @@ def test_push_cli_create_pr_and_refusal(checkpoint, tmp_path, capsys):
 def test_push_rejects_bad_repo_id(checkpoint):
     with pytest.raises(ValueError, match="repo_id"):
         push_checkpoint(checkpoint, "not a repo id", api=mock.MagicMock())
+
+
+def test_save_pretrained_can_write_the_model_card(tmp_path, clip_tokenizer):
+    """`save_pretrained(..., model_card=...)` writes a valid card next to the weights."""
+    from huggingface_hub import ModelCard
+    from tiny import tiny_config
+
+    from detclipv3_hf import DetClipV3ForObjectDetection, DetClipV3ImageProcessor, DetClipV3Processor
+
+    processor = DetClipV3Processor(DetClipV3ImageProcessor(), clip_tokenizer, max_concept_tokens=8)
+    processor.save_pretrained(tmp_path)
+    model = DetClipV3ForObjectDetection(tiny_config(processor.tokenizer))
+    model.save_pretrained(tmp_path, model_card={"license": "apache-2.0"})
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.pipeline_tag == "zero-shot-object-detection"
+    assert card.data.license == "apache-2.0"
+    model.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "README.md").exists()

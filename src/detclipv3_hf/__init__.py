@@ -17,6 +17,7 @@ from transformers import (
 )
 
 from .configuration_detclipv3 import DetClipV3CaptionerConfig, DetClipV3Config
+from .hub import write_model_card as _write_model_card
 from .image_processing_detclipv3 import DetClipV3ImageProcessor, image_processor_backends
 from .image_processing_pil_detclipv3 import DetClipV3ImageProcessorPil
 from .modeling_detclipv3 import (
@@ -57,6 +58,7 @@ for _image_processor_class in image_processor_backends().values():
 del _image_processor_class
 DetClipV3Processor.register_for_auto_class("AutoProcessor")
 register_pipelines()
+DetClipV3PreTrainedModel.model_card_writer = staticmethod(_write_model_card)
 
 __all__ = [
     "DetClipV3Captioner",
