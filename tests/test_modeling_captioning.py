@@ -1,5 +1,7 @@
 """The object captioner: training losses, generation invariants, checkpoints and the vocabulary-free overfit."""
 
+import math
+
 import pytest
 import torch
 from tiny import build_clip_tokenizer, tiny_config
@@ -9,7 +11,7 @@ from detclipv3_hf import DetClipV3ImageProcessor, DetClipV3Processor
 from detclipv3_hf.modeling_detclipv3 import DetClipV3ForObjectCaptioning, DetClipV3ForObjectDetection
 
 SIZE = 64
-OVERFIT_STEPS = 450
+OVERFIT_STEPS = 700
 SCENES = [
     [
         ((8, 8, 28, 30), (1.0, 0.0, 0.0), "red square|square|polygon"),
@@ -66,17 +68,22 @@ def scene_labels(processor, scene):
 @pytest.fixture(scope="module")
 def trained(processor):
     """A tiny captioning model overfit (vocabulary-free) on two synthetic scenes."""
-    torch.manual_seed(0)
+    torch.manual_seed(2)
     model = DetClipV3ForObjectCaptioning(captioning_config(processor))
     pixel_values = torch.stack([render(scene) for scene in SCENES])
     labels = [scene_labels(processor, scene) for scene in SCENES]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # Cosine decay: the boxes settle at the end instead of jittering around the targets.
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / OVERFIT_STEPS))
+    )
     model.train()
     for _ in range(OVERFIT_STEPS):
         loss = model(pixel_values, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
     return model.eval(), pixel_values
 
 
