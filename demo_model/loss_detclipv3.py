@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DetClipV3Criterion", "DetClipV3HungarianMatcher", "build_loss_weights", "prepare_targets"]
 
-DETECTION_TERMS = ("alignment", "bbox", "giou", "objectness")
 # How far (fraction of the image) a target box may exceed [0, 1]: float rounding of converted annotations.
 BOX_TOLERANCE = 0.01
 

@@ -90,3 +90,15 @@ def test_finds_a_sample_object_with_the_right_category(demo):
     assert hits, (
         f"no detection matches a ground-truth object: {found['text_labels']} vs {gt_labels}, IoU {iou}"
     )
+
+
+def test_remote_code_copies_match_the_package_sources():
+    """demo_model/ ships the model files as Hub remote code; they must be the package's current sources, not drift."""
+    from pathlib import Path
+
+    source = Path(detclipv3_hf.__file__).parent
+    demo = Path(__file__).resolve().parents[1] / "demo_model"
+    copies = sorted(p.name for p in demo.glob("*.py"))
+    assert copies, "demo_model/ carries no remote-code files"
+    for name in copies:
+        assert (demo / name).read_text() == (source / name).read_text(), f"demo_model/{name} is stale"
