@@ -386,6 +386,26 @@ def test_post_process_target_sizes_top_k_and_missing_mask(processor):
     assert set(processor.post_process_object_detection(outputs)[1]["labels"].tolist()) == {2}
 
 
+def test_post_process_multi_label_ranks_every_query_concept_pair(processor):
+    outputs = _outputs()
+    results = processor.post_process_object_detection(outputs, threshold=0.0, top_k=5, multi_label=True)
+    first, second = results
+    # Image 0, top 5 of the 12 (query, concept) pairs: (3,1) 3.0, (0,0) 2.0, (1,2) 1.0, (3,0) 0.5, (0,2) 0.0.
+    assert first["labels"].tolist() == [1, 0, 2, 0, 2]
+    torch.testing.assert_close(first["scores"], torch.sigmoid(torch.tensor([3.0, 2.0, 1.0, 0.5, 0.0])))
+    torch.testing.assert_close(first["boxes"][1], first["boxes"][4])  # query 0 comes back with two labels
+    # Image 1: the padded slot (logit 50) never appears; the top-5 keeps only real pairs.
+    assert 2 not in second["labels"].tolist()
+    assert second["scores"][0] == torch.sigmoid(torch.tensor(1.5))
+    for result in results:
+        assert (result["scores"][:-1] >= result["scores"][1:]).all()
+    # Its best pair per query is the single-label result: the top-ranked detections agree.
+    single = processor.post_process_object_detection(outputs, threshold=0.0)[0]
+    assert first["labels"][:2].tolist() == single["labels"][:2].tolist()
+    strict = processor.post_process_object_detection(outputs, threshold=0.85, multi_label=True)[0]
+    assert (strict["scores"] > 0.85).all() and strict["labels"].tolist() == [1, 0]  # 3.0, 2.0
+
+
 def test_post_process_as_the_zero_shot_pipeline_calls_it(processor):
     raw = {k: v[:1] for k, v in _outputs().items()}
     outputs = BaseModelOutput({**raw, "target_size": torch.tensor([[48, 64]], dtype=torch.int32)})

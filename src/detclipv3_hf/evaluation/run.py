@@ -93,8 +93,9 @@ def predict_dataset(
                 )
         else:
             outputs = model.model(inputs["pixel_values"], inputs["pixel_mask"], concept_embeds=concept_embeds)
+            # Every (query, class) pair competes for the top-k, as in Deformable DETR's / DINO's COCO evaluation.
             results = processor.post_process_grounded_object_detection(
-                outputs, threshold=threshold, target_sizes=sizes, top_k=top_k
+                outputs, threshold=threshold, target_sizes=sizes, top_k=top_k, multi_label=True
             )
             for info, found in zip(batch, results):
                 predictions.append(
