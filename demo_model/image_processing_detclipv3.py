@@ -527,6 +527,7 @@ def post_process_detection_outputs(
     threshold: float = 0.1,
     target_sizes: torch.Tensor | Sequence[Sequence[int]] | None = None,
     top_k: int = 100,
+    multi_label: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Turns detector outputs into per-image detections.
 
@@ -538,10 +539,14 @@ def post_process_detection_outputs(
         target_sizes: (B, 2) tensor or list of (height, width); boxes are returned in those pixels. When None,
             boxes stay normalized.
         top_k: At most this many detections per image (the highest scores).
+        multi_label: When False (default), one detection per box, labelled with its best real concept. When True,
+            every (box, real concept) pair is a candidate scored by the sigmoid of its own logit, so a box can come
+            back with several labels: the protocol of Deformable DETR's and DINO's COCO evaluation (the top-k over
+            all query-class pairs), which `detclipv3 eval` uses.
 
     Returns:
-        One dict per image: `scores` (N,) float sorted descending, `labels` (N,) long index of the best real concept,
-        `boxes` (N, 4) xyxy (pixels of `target_sizes`, else normalized).
+        One dict per image: `scores` (N,) float sorted descending, `labels` (N,) long index of the (best) real
+        concept, `boxes` (N, 4) xyxy (pixels of `target_sizes`, else normalized).
     """
     logits = get_output_field(outputs, "logits")
     pred_boxes = get_output_field(outputs, "pred_boxes")
@@ -575,6 +580,21 @@ def post_process_detection_outputs(
     # Padded concept slots must never win the argmax, whatever value the model left in them.
     real = concept_mask.to(device=logits.device, dtype=torch.bool)
     masked = logits.float().masked_fill(~real[:, None, :], float("-inf"))
+    if multi_label:
+        pair_scores = masked.sigmoid().flatten(1)  # (B, Q * M); padded concepts score exactly 0
+        top = pair_scores.topk(min(top_k, pair_scores.shape[1]), dim=1)
+        results = []
+        for i in range(batch_size):
+            keep = (top.values[i] > threshold) & real[i][top.indices[i] % num_concepts]
+            index = top.indices[i][keep]
+            results.append(
+                {
+                    "scores": top.values[i][keep],
+                    "labels": index % num_concepts,
+                    "boxes": boxes[i][index // num_concepts],
+                }
+            )
+        return results
     best_logits, labels = masked.max(dim=-1)
     scores = best_logits.sigmoid()
     has_concept = real.any(dim=-1)
@@ -757,11 +777,12 @@ class DetClipV3ImageProcessor(DetClipV3RemoteCodeMixin, TorchvisionBackend):
         threshold: float = 0.1,
         target_sizes: torch.Tensor | list[tuple[int, int]] | None = None,
         top_k: int = 100,
+        multi_label: bool = False,
     ) -> list[dict[str, torch.Tensor]]:
         """Per-image detections (scores, labels, xyxy boxes); see `post_process_detection_outputs`.
 
         This is the method the stock `pipeline("zero-shot-object-detection")` calls.
         """
         return post_process_detection_outputs(
-            outputs, threshold=threshold, target_sizes=target_sizes, top_k=top_k
+            outputs, threshold=threshold, target_sizes=target_sizes, top_k=top_k, multi_label=multi_label
         )

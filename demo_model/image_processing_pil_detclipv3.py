@@ -161,8 +161,9 @@ class DetClipV3ImageProcessorPil(DetClipV3RemoteCodeMixin, PilBackend):
         threshold: float = 0.1,
         target_sizes: torch.Tensor | list[tuple[int, int]] | None = None,
         top_k: int = 100,
+        multi_label: bool = False,
     ) -> list[dict[str, torch.Tensor]]:
         """Per-image detections (scores, labels, xyxy boxes); see `post_process_detection_outputs`."""
         return post_process_detection_outputs(
-            outputs, threshold=threshold, target_sizes=target_sizes, top_k=top_k
+            outputs, threshold=threshold, target_sizes=target_sizes, top_k=top_k, multi_label=multi_label
         )

@@ -185,7 +185,9 @@ class DetClipV3Processor(ProcessorMixin):
         """Id of the token the tokenizer gives a lone `|` (the field separator of hierarchical labels)."""
         ids = self.tokenizer(LABEL_SEPARATOR, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
-            raise ValueError(f"The tokenizer splits {LABEL_SEPARATOR!r} into {len(ids)} tokens; expected one.")
+            raise ValueError(
+                f"The tokenizer splits {LABEL_SEPARATOR!r} into {len(ids)} tokens; expected one."
+            )
         return ids[0]
 
     def captioner_token_ids(self) -> dict[str, int]:
@@ -391,6 +393,7 @@ class DetClipV3Processor(ProcessorMixin):
         target_sizes: torch.Tensor | list[tuple[int, int]] | None = None,
         text_labels: list[str] | list[list[str]] | None = None,
         top_k: int = 100,
+        multi_label: bool = False,
     ) -> list[dict[str, Any]]:
         """Detections with the vocabulary given by the user.
 
@@ -401,13 +404,15 @@ class DetClipV3Processor(ProcessorMixin):
             target_sizes: (B, 2) (height, width) per image; boxes are returned in those pixels (else normalized).
             text_labels: The concepts, shared (`list[str]`) or per image (`list[list[str]]`); adds `text_labels`.
             top_k: At most this many detections per image.
+            multi_label: One detection per (box, concept) pair instead of per box (the COCO evaluation protocol of
+                Deformable DETR / DINO); see `post_process_detection_outputs`.
 
         Returns:
             One dict per image: `scores` (N,) descending, `labels` (N,) long index into that image's concepts,
             `boxes` (N, 4) xyxy, and `text_labels` (list[str]) when `text_labels` was given.
         """
         results = post_process_detection_outputs(
-            outputs, threshold=threshold, target_sizes=target_sizes, top_k=top_k
+            outputs, threshold=threshold, target_sizes=target_sizes, top_k=top_k, multi_label=multi_label
         )
         if text_labels is None:
             return results
