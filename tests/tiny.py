@@ -58,7 +58,14 @@ def build_clip_tokenizer(
     tok.train_from_iterator([chars] * 5 + (CORPUS + list(extra_text)) * 20, trainer)
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return CLIPTokenizer(vocab=model["vocab"], merges=merges)
+    # `tokenizers` breaks frequency ties in hash order, which changes from process to process: the same corpus gives
+    # the same tokens and merges, but different ids and a different order of tied merges, and every test built on
+    # this tokenizer would train differently in every run. Canonical order: merges by the length of the token they
+    # make (its parts are always shorter, so they come first), ids by (length, token), special tokens last as in CLIP.
+    merges.sort(key=lambda pair: (len(pair[0]) + len(pair[1]), pair))
+    specials = [token for token in ("<|startoftext|>", "<|endoftext|>") if token in model["vocab"]]
+    tokens = sorted((t for t in model["vocab"] if t not in specials), key=lambda t: (len(t), t)) + specials
+    return CLIPTokenizer(vocab={token: i for i, token in enumerate(tokens)}, merges=merges)
 
 
 def tiny_config(
