@@ -58,7 +58,7 @@ from detclipv3_hf import (
     DetClipV3ForObjectDetection,
     DetClipV3Processor,
 )
-from detclipv3_hf.data import generate_synthetic_world, load_records, transform_record
+from detclipv3_hf.data import generate_synthetic_world, load_records, train_clip_tokenizer, transform_record
 from detclipv3_hf.data.synthetic import CATEGORIES, CATEGORY_PARENTS, COLORS, SIZES, TEXTURES
 from detclipv3_hf.evaluation import evaluate_coco, evaluate_vocab_free
 from detclipv3_hf.evaluation.run import predict_dataset, text_embedder
@@ -85,39 +85,9 @@ def world_words() -> list[str]:
 
 
 def offline_clip_tokenizer(words: list[str], vocab_size: int = 600) -> Any:
-    """A CLIP-style byte-level BPE (``</w>`` suffix) trained on ``words`` in a second, as a ``CLIPTokenizer``.
-
-    Every printable ASCII character is also seen as a word, so no text maps to the unknown token; the world's words
-    become single tokens (a random tiny text tower then only has to tell token ids apart).
-    """
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import CLIPTokenizer
-
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    pattern = (
-        r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-    )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(pattern), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        end_of_word_suffix="</w>",
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    chars = " ".join(string.ascii_lowercase + string.digits + string.punctuation)
-    tok.train_from_iterator([chars] * 5 + words * 20, trainer)
-    model = json.loads(tok.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return CLIPTokenizer(vocab=model["vocab"], merges=merges)
+    """The package's offline CLIP-style BPE (``detclipv3_hf.data.train_clip_tokenizer``) trained on ``words``: most
+    world words become one token (all 13 category names do); deterministic."""
+    return train_clip_tokenizer(words, vocab_size=vocab_size)
 
 
 def offline_bert_tokenizer(words: list[str], folder: Path, wordpiece_vocab: int = 400) -> Any:
@@ -141,7 +111,8 @@ def offline_bert_tokenizer(words: list[str], folder: Path, wordpiece_vocab: int 
     tok.train_from_iterator([" . ".join(words)] * 20, trainer)
     vocab = dict(BERT_FIXED_IDS)
     free_ids = (i for i in range(BERT_VOCAB_SIZE) if i not in BERT_FIXED_IDS.values())
-    for piece, _ in sorted(tok.get_vocab().items(), key=lambda item: item[1]):
+    # Pieces in (length, piece) order: `tokenizers` assigns ids in hash order, which differs between processes.
+    for piece in sorted(tok.get_vocab(), key=lambda piece: (len(piece), piece)):
         if piece not in vocab:
             vocab[piece] = next(free_ids)
     for i in free_ids:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import string
-
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import CLIPTokenizer
 
 from detclipv3_hf import DetClipV3Config
+from detclipv3_hf.data import train_clip_tokenizer
 
 CORPUS = [
     "a photo of a red circle",
@@ -27,45 +24,8 @@ CORPUS = [
 def build_clip_tokenizer(
     extra_text: list[str] | tuple[str, ...] = (), vocab_size: int = 400
 ) -> CLIPTokenizer:
-    """Trains a CLIP-style byte-level BPE (`</w>` suffix) on a tiny corpus in well under a second.
-
-    Every printable ASCII character is seen as a word on its own, so no input ever maps to the unknown token.
-    """
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(
-                Regex(
-                    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-                ),
-                behavior="removed",
-                invert=True,
-            ),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        end_of_word_suffix="</w>",
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    chars = " ".join(string.ascii_lowercase + string.digits + string.punctuation)
-    tok.train_from_iterator([chars] * 5 + (CORPUS + list(extra_text)) * 20, trainer)
-    model = json.loads(tok.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    # `tokenizers` breaks frequency ties in hash order, which changes from process to process: the same corpus gives
-    # the same tokens and merges, but different ids and a different order of tied merges, and every test built on
-    # this tokenizer would train differently in every run. Canonical order: merges by the length of the token they
-    # make (its parts are always shorter, so they come first), ids by (length, token), special tokens last as in CLIP.
-    merges.sort(key=lambda pair: (len(pair[0]) + len(pair[1]), pair))
-    specials = [token for token in ("<|startoftext|>", "<|endoftext|>") if token in model["vocab"]]
-    tokens = sorted((t for t in model["vocab"] if t not in specials), key=lambda t: (len(t), t)) + specials
-    return CLIPTokenizer(vocab={token: i for i, token in enumerate(tokens)}, merges=merges)
+    """The package's offline CLIP-style tokenizer (deterministic) trained on ``CORPUS`` plus ``extra_text``."""
+    return train_clip_tokenizer([*CORPUS, *extra_text], vocab_size=vocab_size)
 
 
 def tiny_config(

@@ -1,6 +1,7 @@
 """Data layer: one record format, readers, concept sampling, augmentation and a synthetic world.
 
-Builds on ``datasets``, PIL, numpy, torch and torchvision only; never imports the model files.
+Builds on ``datasets``, PIL, numpy, torch and torchvision (plus ``tokenizers`` and ``CLIPTokenizer`` for the offline
+tokenizer); never imports the model files.
 """
 
 from .concepts import (
@@ -12,6 +13,7 @@ from .concepts import (
     record_positives,
     sample_concepts,
 )
+from .offline_tokenizer import train_clip_tokenizer
 from .readers import (
     RecordError,
     RecordStream,
@@ -80,6 +82,7 @@ __all__ = [
     "record_positives",
     "resize_to",
     "sample_concepts",
+    "train_clip_tokenizer",
     "transform_record",
     "validate_record",
 ]
