@@ -8,7 +8,11 @@ import pytest
 
 from detclipv3_hf.data import train_clip_tokenizer
 
-WORDS = ["large striped red circle|circle|round shape", "small dotted blue ring|ring|round shape", "green star"]
+WORDS = [
+    "large striped red circle|circle|round shape",
+    "small dotted blue ring|ring|round shape",
+    "green star",
+]
 
 PROBE = """
 import json
