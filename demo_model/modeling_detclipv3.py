@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 from transformers import CLIPTextModelWithProjection
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -397,12 +398,29 @@ class DetClipV3SinePositionEmbedding(nn.Module):
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2).to(dtype)
 
 
+def freeze_batch_norm(module: nn.Module) -> None:
+    """Replaces every `BatchNorm2d` under `module` by a `FrozenBatchNorm2d` with its statistics and affine values."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            with torch.no_grad():
+                frozen.weight.copy_(child.weight)
+                frozen.bias.copy_(child.bias)
+                frozen.running_mean.copy_(child.running_mean)
+                frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batch_norm(child)
+
+
 class DetClipV3ImageEmbedder(nn.Module):
     """Backbone (any `transformers` backbone) + projection of every level to `d_model` + extra stride-2 levels."""
 
     def __init__(self, config: DetClipV3Config):
         super().__init__()
         self.backbone = load_backbone(config)
+        if config.freeze_backbone_batch_norm:
+            freeze_batch_norm(self.backbone)
         channels = list(self.backbone.channels)
         d_model = config.d_model
         self.input_proj = nn.ModuleList(

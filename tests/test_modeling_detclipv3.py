@@ -475,3 +475,36 @@ def test_concept_encoder_ignores_trailing_padding_columns(clip_tokenizer):
         a = model.embed_concepts(short["input_ids"][None], short["attention_mask"][None])
         b = model.embed_concepts(long["input_ids"][None], long["attention_mask"][None])
     torch.testing.assert_close(a, b)
+
+
+def test_frozen_backbone_batch_norm_keeps_statistics_and_round_trips(processor, tmp_path):
+    from torchvision.ops import FrozenBatchNorm2d
+
+    trained = _model(processor)
+    backbone = trained.model.image_embedder.backbone
+    # Give the batch norms non-trivial statistics, as a pretrained checkpoint has.
+    for module in backbone.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    trained.save_pretrained(tmp_path / "plain")
+    inputs = _inputs(processor, _images(2), [["red circle", "dog"], ["cat"]])
+    with torch.no_grad():
+        expected = trained.eval()(**inputs).logits
+
+    frozen = DetClipV3ForObjectDetection.from_pretrained(tmp_path / "plain", freeze_backbone_batch_norm=True)
+    modules = list(frozen.model.image_embedder.backbone.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in modules)
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in modules)
+    with torch.no_grad():
+        # Train mode uses the checkpoint's statistics too: nothing about the backbone changes with the mode.
+        torch.testing.assert_close(
+            frozen.train().model.image_embedder.backbone(inputs["pixel_values"]).feature_maps,
+            frozen.eval().model.image_embedder.backbone(inputs["pixel_values"]).feature_maps,
+        )
+        torch.testing.assert_close(frozen(**inputs).logits, expected)
+    frozen.save_pretrained(tmp_path / "frozen")
+    reloaded = DetClipV3ForObjectDetection.from_pretrained(tmp_path / "frozen").eval()
+    assert reloaded.config.freeze_backbone_batch_norm
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected)

@@ -105,6 +105,10 @@ class DetClipV3Config(PreTrainedConfig):
             Any `transformers` backbone config (Swin, ResNet, ConvNeXt, timm). Defaults to Swin-T (embed 96, depths
             2-2-6-2, heads 3-6-12-24, window 7) with stages 2-4 as outputs. Only its config is used here: building the
             model never downloads anything.
+        freeze_backbone_batch_norm (`bool`, defaults to `False`):
+            Replace the backbone's `BatchNorm2d` layers by frozen ones (`torchvision.ops.FrozenBatchNorm2d`: the
+            running statistics and affine parameters of the checkpoint, never updated), as DETR-family detectors do
+            with ImageNet ResNets trained at a few images per GPU. No effect on backbones without batch norm (Swin).
         text_config (`dict` or `CLIPTextConfig`, *optional*):
             The CLIP text tower that encodes every concept on its own. Defaults to the ViT-B/32 CLIP text model
             (width 512, 12 layers, projection 512).
@@ -193,6 +197,7 @@ class DetClipV3Config(PreTrainedConfig):
     attribute_map = {"hidden_size": "d_model", "num_attention_heads": "encoder_attention_heads"}
 
     backbone_config: dict | PreTrainedConfig | None = None
+    freeze_backbone_batch_norm: bool = False
     text_config: dict | PreTrainedConfig | None = None
     captioner_config: dict | PreTrainedConfig | None = None
 
