@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection
 
 from detclipv3_hf import (
@@ -53,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from common import (  # noqa: E402
     FlopCount,
     PeakRSS,
+    bert_layout_vocab,
     count_flops,
     format_bytes,
     format_table,
@@ -63,9 +63,6 @@ from common import (  # noqa: E402
 from tiny import build_clip_tokenizer  # noqa: E402
 
 GD_MAX_TEXT_LEN = 256
-# BERT-base-uncased ids that Grounding DINO hard-codes as phrase delimiters ([CLS], [SEP], ".", "?").
-BERT_FIXED_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, ".": 1012, "?": 1029}
-BERT_VOCAB_SIZE = 30522
 TARGETS = {80: 0.8, 1203: 0.1}
 HEADER = [
     "concepts",
@@ -116,30 +113,9 @@ def make_concept_names(count: int, seed: int = 0) -> list[str]:
 
 
 def build_bert_tokenizer(names: list[str], wordpiece_vocab: int = 600) -> BertTokenizer:
-    """A BERT-uncased-style WordPiece tokenizer trained on `names`, laid out at BERT-base ids.
-
-    The trained pieces fill the free ids of a 30,522-entry vocabulary; `[CLS]`, `[SEP]`, `[PAD]`, `[UNK]`, `[MASK]`,
-    `.` and `?` sit at BERT's ids because Grounding DINO uses those ids to split the prompt into phrases.
-    """
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=wordpiece_vocab,
-        special_tokens=list(BERT_FIXED_IDS),
-        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.?,-'"),
-        show_progress=False,
-    )
-    tok.train_from_iterator([" . ".join(names)] * 3 + WORDS, trainer)
-    trained = sorted(tok.get_vocab().items(), key=lambda item: item[1])
-    vocab = dict(BERT_FIXED_IDS)
-    free_ids = (i for i in range(BERT_VOCAB_SIZE) if i not in BERT_FIXED_IDS.values())
-    for piece, _ in trained:
-        if piece not in vocab:
-            vocab[piece] = next(free_ids)
-    for i in free_ids:
-        vocab[f"[unused{i}]"] = i
-    return BertTokenizer(vocab=vocab, do_lower_case=True)
+    """A BERT-uncased-style WordPiece trained on `names`, laid out at BERT-base ids (`common.bert_layout_vocab`)."""
+    corpus = [" . ".join(names)] * 3 + WORDS
+    return BertTokenizer(vocab=bert_layout_vocab(corpus, wordpiece_vocab), do_lower_case=True)
 
 
 def gd_prompts(names: list[str], tokenizer: BertTokenizer, max_len: int = GD_MAX_TEXT_LEN) -> list[dict]:

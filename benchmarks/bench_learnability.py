@@ -39,7 +39,6 @@ import os
 import platform
 import random
 import shutil
-import string
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ from typing import Any
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
+from common import BERT_VOCAB_SIZE, bert_layout_vocab  # benchmarks/ (this script's folder)
 from torchvision.ops import box_convert
 from transformers import get_cosine_schedule_with_warmup
 
@@ -67,10 +67,6 @@ from detclipv3_hf.training.trainer import build_model_and_processor
 
 TARGET_AP50 = 0.7
 TARGET_CATEGORY_ACCURACY = 0.8
-# BERT-base ids that Grounding DINO hard-codes: [PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103, "." 1012 and
-# "?" 1029 (its `SPECIAL_TOKENS` split the prompt into phrases by these ids).
-BERT_FIXED_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, ".": 1012, "?": 1029}
-BERT_VOCAB_SIZE = 30522
 
 logger = logging.getLogger("bench_learnability")
 
@@ -84,43 +80,17 @@ def world_words() -> list[str]:
     return words + list(SIZES) + ["a", "an", "and", "with", "image", "of", "shapes"]
 
 
-def offline_clip_tokenizer(words: list[str], vocab_size: int = 600) -> Any:
-    """The package's offline CLIP-style BPE (``detclipv3_hf.data.train_clip_tokenizer``) trained on ``words``: most
-    world words become one token (all 13 category names do); deterministic."""
-    return train_clip_tokenizer(words, vocab_size=vocab_size)
-
-
 def offline_bert_tokenizer(words: list[str], folder: Path, wordpiece_vocab: int = 400) -> Any:
-    """A BERT-uncased-style WordPiece trained on ``words``, laid out at BERT-base ids, as ``BertTokenizerFast``.
-
-    Grounding DINO splits its prompt into phrases by BERT-base ids (``[CLS]`` 101, ``[SEP]`` 102, ``.`` 1012), so the
-    trained pieces fill the free ids of a 30,522-entry vocabulary and the special tokens keep BERT's ids.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """A BERT-uncased-style WordPiece trained on ``words``, laid out at BERT-base ids (``common.bert_layout_vocab``,
+    Grounding DINO splits its prompt by those ids), written to ``folder/vocab.txt`` and returned as
+    ``BertTokenizerFast``."""
     from transformers import BertTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=wordpiece_vocab,
-        special_tokens=list(BERT_FIXED_IDS),
-        initial_alphabet=list(string.ascii_lowercase + string.digits + ".?,-'"),
-        show_progress=False,
-    )
-    tok.train_from_iterator([" . ".join(words)] * 20, trainer)
-    vocab = dict(BERT_FIXED_IDS)
-    free_ids = (i for i in range(BERT_VOCAB_SIZE) if i not in BERT_FIXED_IDS.values())
-    # Pieces in (length, piece) order: `tokenizers` assigns ids in hash order, which differs between processes.
-    for piece in sorted(tok.get_vocab(), key=lambda piece: (len(piece), piece)):
-        if piece not in vocab:
-            vocab[piece] = next(free_ids)
-    for i in free_ids:
-        vocab[f"[unused{i}]"] = i
-    folder.mkdir(parents=True, exist_ok=True)
+    vocab = bert_layout_vocab([" . ".join(words)] * 20, wordpiece_vocab)
     by_id = sorted(vocab.items(), key=lambda item: item[1])
     if [i for _, i in by_id] != list(range(BERT_VOCAB_SIZE)):
         raise RuntimeError("the BERT vocabulary layout has holes")
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("".join(piece + "\n" for piece, _ in by_id), encoding="utf-8")
     return BertTokenizerFast(vocab=vocab, do_lower_case=True)
 
@@ -231,11 +201,13 @@ def count_parameters(model: torch.nn.Module) -> int:
 # ----------------------------------------------------------------------- stage 0: pretrained towers, offline
 
 WINDOW = 64  # object windows of stage 0, in pixels (the world's objects are 18-80 px long)
+# Object windows of a split: normalised pixels (N, 3, WINDOW, WINDOW), category names, phrases.
+Windows = tuple[torch.Tensor, list[str], list[str]]
 
 
 def object_windows(
     coco_file: Path, root: Path, mean: list[float], std: list[float], size: int = WINDOW
-) -> tuple[torch.Tensor, list[str], list[str]]:
+) -> Windows:
     """A ``size`` x ``size`` window centred on every annotated object at the image's native scale (the scale the
     detector sees), normalised like our image processor, with the object's category name and phrase."""
     import numpy as np
@@ -264,8 +236,8 @@ def contrastive_pretrain(
     image_encoder: torch.nn.Module,
     text_encoder: Any,
     params: list[torch.nn.Parameter],
-    train: tuple[torch.Tensor, list[str], list[str]],
-    val: tuple[torch.Tensor, list[str], list[str]],
+    train: Windows,
+    val: Windows,
     steps: int,
     batch_size: int,
     lr: float,
@@ -332,11 +304,13 @@ class PooledBackbone(torch.nn.Module):
         return self.proj(features)
 
 
-def pretrain_our_towers(args: argparse.Namespace, data: list[str]) -> tuple[Path, dict]:
+def pretrain_our_towers(
+    args: argparse.Namespace, data: list[str]
+) -> tuple[Path, dict, tuple[Windows, Windows]]:
     """Stage 0, the offline stand-in for the paper's pretrained towers (ImageNet Swin, CLIP text encoder): our
     backbone and CLIP text tower, freshly initialised exactly as stage 1 would (``new:`` config + tokenizer), trained
     together as a tiny CLIP on object windows of the train split. Writes a complete model folder (model + processor)
-    that stage 1 starts from."""
+    that stage 1 starts from. Also returns the (train, val) object windows, for Grounding DINO's share."""
     folder = args.work / "stage0"
     config = TrainConfig(
         stage=1,
@@ -375,12 +349,15 @@ def pretrain_our_towers(args: argparse.Namespace, data: list[str]) -> tuple[Path
     )  # fmt: skip
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    args.stage0_windows = (train, val)
-    return folder, info
+    return folder, info, (train, val)
 
 
 def pretrain_grounding_dino_text(
-    args: argparse.Namespace, model: Any, tokenizer: Any, backbone_state: dict[str, torch.Tensor]
+    args: argparse.Namespace,
+    model: Any,
+    tokenizer: Any,
+    backbone_state: dict[str, torch.Tensor],
+    windows: tuple[Windows, Windows],
 ) -> dict[str, Any]:
     """Grounding DINO's share of stage 0: it gets our pretrained backbone (same architecture, copied), and its
     BERT text tower is trained contrastively against that (frozen) backbone for as many steps as ours."""
@@ -402,10 +379,9 @@ def pretrain_grounding_dino_text(
         mask = tokens["attention_mask"][..., None].float()
         return text_proj((hidden * mask).sum(1) / mask.sum(1))
 
-    train, val = args.stage0_windows
     return contrastive_pretrain(
         image_side, encode_text, [*image_side.proj.parameters(), *text_model.parameters(), *text_proj.parameters()],
-        train, val, args.steps0, args.batch_size0, args.lr0, args.seed, "grounding dino",
+        *windows, args.steps0, args.batch_size0, args.lr0, args.seed, "grounding dino",
     )  # fmt: skip
 
 
@@ -544,6 +520,7 @@ def train_grounding_dino(
     tokenizer: Any,
     budget_s: float,
     backbone_state: dict[str, torch.Tensor],
+    windows: tuple[Windows, Windows],
 ) -> tuple[Any, dict[str, Any]]:
     """Trains GD from its config for ``budget_s`` seconds of wall time (checked after every step), after its share
     of stage 0 (our pretrained backbone, its BERT tower pretrained contrastively for as many steps as ours)."""
@@ -551,7 +528,7 @@ def train_grounding_dino(
 
     torch.manual_seed(args.seed)
     model = GroundingDinoForObjectDetection(config)
-    stage0 = pretrain_grounding_dino_text(args, model, tokenizer, backbone_state)
+    stage0 = pretrain_grounding_dino_text(args, model, tokenizer, backbone_state, windows)
     records = list(load_records(str(args.work / "world" / "train" / "granucap.jsonl"), streaming=False))
     spec = get_stage(1, stage_overrides(args, 1))
     transforms = build_stage_transforms(spec)
@@ -884,7 +861,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.concepts_file.write_text("\n".join(CATEGORIES) + "\n", encoding="utf-8")
     else:
         args.concepts_file = world.concepts_file
-    clip_tokenizer = offline_clip_tokenizer(world_words())
+    # Every world word is one token of this deterministic offline CLIP-style BPE (all 13 category names included).
+    clip_tokenizer = train_clip_tokenizer(world_words(), vocab_size=600)
     clip_tokenizer.save_pretrained(args.work / "tokenizer")
     config = our_config(args.model_size, clip_tokenizer)
     config.to_json_file(args.work / "model_config.json")
@@ -892,7 +870,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_coco = f"detection={world.train.coco_file}"
     grounding = f"grounding={world.train.granucap_file}"
     captioned = f"captioned={world.train.granucap_file}"
-    folder0, stage0 = pretrain_our_towers(args, [train_coco, grounding])
+    folder0, stage0, windows = pretrain_our_towers(args, [train_coco, grounding])
     folder1, t1 = run_stage(args, 1, str(folder0), None, [train_coco, grounding], args.steps1, args.lr1)
     folder2, t2 = run_stage(args, 2, str(folder1), None, [captioned], args.steps2, args.lr2)
     folder3, t3 = run_stage(
@@ -914,7 +892,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         backbone_state = DetClipV3ForObjectDetection.from_pretrained(
             folder0
         ).model.image_embedder.backbone.state_dict()
-        model, info = train_grounding_dino(args, processor, gd_config, bert, budget, backbone_state)
+        model, info = train_grounding_dino(args, processor, gd_config, bert, budget, backbone_state, windows)
         gd = {
             "budget": "equal wall clock: our stage 1 + stage 3 training time",
             "budget_seconds": budget,

@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmarks: wall-clock timing, peak memory, FLOP counting and machine throughput.
+"""Shared helpers for the benchmarks: wall-clock timing, peak memory, FLOP counting, machine throughput and the
+offline BERT vocabulary of the Grounding DINO baselines.
 
 Every benchmark in this folder reuses these so that their numbers are measured the same way:
 
@@ -267,3 +268,38 @@ def format_bytes(num_bytes: float) -> str:
     if num_bytes >= 1024**3:
         return f"{num_bytes / 1024**3:.2f} GiB"
     return f"{num_bytes / 1024**2:.0f} MiB"
+
+
+# BERT-base-uncased ids that Grounding DINO hard-codes: [PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103, "." 1012
+# and "?" 1029 (its `SPECIAL_TOKENS` split the prompt into phrases by these ids).
+BERT_FIXED_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, ".": 1012, "?": 1029}
+BERT_VOCAB_SIZE = 30522
+
+
+def bert_layout_vocab(corpus: Sequence[str], wordpiece_vocab: int) -> dict[str, int]:
+    """A BERT-uncased-style WordPiece trained on ``corpus``, laid out at BERT-base ids (piece -> id).
+
+    Grounding DINO splits its prompt into phrases by BERT-base ids, so the special tokens keep BERT's ids and the
+    trained pieces fill the free ids of a 30,522-entry vocabulary, in (length, piece) order: ``tokenizers`` assigns
+    its own ids in hash order, which differs between processes. The rest are ``[unusedN]``.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=wordpiece_vocab,
+        special_tokens=list(BERT_FIXED_IDS),
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.?,-'"),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus), trainer)
+    vocab = dict(BERT_FIXED_IDS)
+    free_ids = (i for i in range(BERT_VOCAB_SIZE) if i not in BERT_FIXED_IDS.values())
+    for piece in sorted(tok.get_vocab(), key=lambda piece: (len(piece), piece)):
+        if piece not in vocab:
+            vocab[piece] = next(free_ids)
+    for i in free_ids:
+        vocab[f"[unused{i}]"] = i
+    return vocab
