@@ -45,9 +45,9 @@ from detclipv3_hf import (
     DetClipV3ImageProcessor,
     DetClipV3Processor,
 )
+from detclipv3_hf.data import train_clip_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from common import (  # noqa: E402
     FlopCount,
@@ -60,7 +60,6 @@ from common import (  # noqa: E402
     measure_matmul_flops,
     median,
 )
-from tiny import build_clip_tokenizer  # noqa: E402
 
 GD_MAX_TEXT_LEN = 256
 TARGETS = {80: 0.8, 1203: 0.1}
@@ -404,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"fp32 matmul throughput (best 4096^3 mm): {matmul / 1e9:.1f} GFLOP/s")
 
     all_names = make_concept_names(max(args.concepts), seed=args.seed)
-    clip_tokenizer = build_clip_tokenizer(extra_text=all_names, vocab_size=2000)
+    clip_tokenizer = train_clip_tokenizer(all_names, vocab_size=2000)
     bert_tokenizer = build_bert_tokenizer(all_names)
 
     # Frozen: inference only, and FlopCounterMode's module tracker needs inputs that do not require grad.

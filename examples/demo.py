@@ -30,6 +30,7 @@ from torchvision.ops import box_convert
 from detclipv3_hf import DetClipV3ForObjectCaptioning, DetClipV3Processor
 from detclipv3_hf.cli import draw_detections
 from detclipv3_hf.data.synthetic import CATEGORIES
+from detclipv3_hf.export import compute_concept_embeddings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,16 +58,17 @@ def load_samples(model_dir: Path, images: list[str] | None) -> tuple[list[Path],
 def detect(
     model: DetClipV3ForObjectCaptioning,
     processor: DetClipV3Processor,
-    image: Image.Image,
+    inputs: dict[str, torch.Tensor],
+    size: tuple[int, int],
     concepts: list[str],
     concept_embeds: torch.Tensor,
     threshold: float,
 ) -> list[dict[str, Any]]:
-    """Vocabulary mode on one image with precomputed concept embeddings ``(M, D)``; detections sorted by score."""
-    inputs = processor(images=[image], return_tensors="pt")
+    """Vocabulary mode on one preprocessed image of ``size`` (height, width) with precomputed concept embeddings
+    ``(M, D)``; detections sorted by score."""
     outputs = model.model(inputs["pixel_values"], inputs["pixel_mask"], concept_embeds=concept_embeds)
     result = processor.post_process_grounded_object_detection(
-        outputs, threshold=threshold, target_sizes=[(image.height, image.width)], text_labels=[concepts]
+        outputs, threshold=threshold, target_sizes=[size], text_labels=[concepts]
     )[0]
     return [
         {"score": round(float(s), 4), "label": label, "box": [round(float(v), 1) for v in box]}
@@ -78,15 +80,16 @@ def detect(
 def caption(
     model: DetClipV3ForObjectCaptioning,
     processor: DetClipV3Processor,
-    image: Image.Image,
+    inputs: dict[str, torch.Tensor],
+    size: tuple[int, int],
     threshold: float,
     top_k: int,
 ) -> list[dict[str, Any]]:
-    """Vocabulary-free mode on one image: ``label`` is the generated ``phrase|category|parent category``."""
-    inputs = processor(images=[image], return_tensors="pt")
+    """Vocabulary-free mode on one preprocessed image of ``size`` (height, width): ``label`` is the generated
+    ``phrase|category|parent category``."""
     generated = model.generate_object_labels(inputs["pixel_values"], inputs["pixel_mask"], top_k=top_k)
     found = processor.post_process_object_captioning(
-        generated, threshold=threshold, target_sizes=[(image.height, image.width)], nms_threshold=0.5
+        generated, threshold=threshold, target_sizes=[size], nms_threshold=0.5
     )[0]
     return [
         {
@@ -137,19 +140,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     paths, truth = load_samples(model_dir, args.images)
     model = DetClipV3ForObjectCaptioning.from_pretrained(args.model).eval()
     processor = DetClipV3Processor.from_pretrained(args.model)
-    vocab = processor(text=[concepts], return_tensors="pt")
     with torch.no_grad():  # the vocabulary is encoded once and reused for every image
-        concept_embeds = model.model.embed_concepts(
-            vocab["input_ids"], vocab["attention_mask"], vocab["concept_mask"]
-        )[0]
+        concept_embeds = compute_concept_embeddings(model.model, processor, concepts)
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for path in paths:
         image = Image.open(path).convert("RGB")
-        detected = detect(model, processor, image, concepts, concept_embeds, args.threshold)
-        captioned = caption(model, processor, image, args.caption_threshold, args.top_k)
+        inputs, size = processor(images=[image], return_tensors="pt"), (image.height, image.width)
+        detected = detect(model, processor, inputs, size, concepts, concept_embeds, args.threshold)
+        captioned = caption(model, processor, inputs, size, args.caption_threshold, args.top_k)
         draw_detections(image, detected, out / f"{path.stem}_detect.png")
         draw_detections(image, captioned, out / f"{path.stem}_caption.png")
         gt = ground_truth_boxes(truth.get(path.name))
