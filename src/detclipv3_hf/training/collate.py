@@ -91,9 +91,8 @@ class DetClipV3TrainingCollator:
     # ------------------------------------------------------------------ per image
 
     def _concepts(
-        self, record: DetectionRecord, batch_pool: ConceptDictionary, kind: str, rng: random.Random
+        self, record: DetectionRecord, dictionary: ConceptDictionary, kind: str, rng: random.Random
     ) -> list[str]:
-        dictionary = self.concept_dictionary if self.concept_dictionary is not None else batch_pool
         return sample_concepts(
             record_positives(record),
             dictionary,
@@ -101,11 +100,6 @@ class DetClipV3TrainingCollator:
             rng,
             extra_negatives=record.negatives,
         )
-
-    @staticmethod
-    def _drop_unnamed(record: DetectionRecord, positive_indices: list[list[int]]) -> list[int]:
-        """Indices of objects with at least one positive concept (others only exist after positive truncation)."""
-        return [i for i, indices in enumerate(positive_indices) if indices]
 
     # ------------------------------------------------------------------ batch
 
@@ -121,7 +115,10 @@ class DetClipV3TrainingCollator:
         if not isinstance(rng, random.Random):
             raise TypeError(f"rng must be a random.Random, got {type(rng).__name__}")
         records = [transform_record(record, self.transforms, rng) for record in records]
-        pool = ConceptDictionary(name for record in records for name in record_positives(record))
+        # Negatives come from the concept dictionary, else from the other images' positives in this batch.
+        dictionary = self.concept_dictionary
+        if dictionary is None:
+            dictionary = ConceptDictionary(name for record in records for name in record_positives(record))
 
         concept_lists: list[list[str]] = []
         annotations, positive_maps, kept_objects = [], [], []
@@ -130,9 +127,10 @@ class DetClipV3TrainingCollator:
                 keep = list(range(len(record.objects)))
                 classes = [0] * len(keep)
             else:
-                concepts = self._concepts(record, pool, kind, rng)
+                concepts = self._concepts(record, dictionary, kind, rng)
                 targets = build_targets(record, concepts)
-                keep = self._drop_unnamed(record, targets.positive_indices)
+                # Objects without a positive concept only exist after positive truncation: not supervised.
+                keep = [i for i, indices in enumerate(targets.positive_indices) if indices]
                 classes = [targets.positive_indices[i][0] for i in keep]
                 concept_lists.append(concepts)
                 positive_maps.append(targets.positive_map()[keep])

@@ -107,13 +107,9 @@ def _trackers(report_to: str, logging_dir: Path, run_name: str) -> list[Any]:
 
 def model_class_for(spec: StageSpec) -> type:
     """``DetClipV3ForObjectDetection`` for detection stages, ``DetClipV3ForObjectCaptioning`` for captioning."""
-    name = "DetClipV3ForObjectDetection" if spec.model_kind == "detection" else "DetClipV3ForObjectCaptioning"
-    cls = getattr(modeling_detclipv3, name, None)
-    if cls is None:
-        raise ValueError(
-            f"stage {spec.stage} needs {name}, which this version of detclipv3_hf does not provide"
-        )
-    return cls
+    if spec.model_kind == "detection":
+        return modeling_detclipv3.DetClipV3ForObjectDetection
+    return modeling_detclipv3.DetClipV3ForObjectCaptioning
 
 
 def load_processor(path: str, spec: StageSpec, max_concept_tokens: int | None = None) -> DetClipV3Processor:
