@@ -482,9 +482,9 @@ class DetClipV3Trainer:
             # parameter keeps all ranks in the same collective calls.
             loss = loss + sum(p.sum() for p in trainable) * 0.0
         acc.backward(loss)
-        terms = {k: float(v.detach()) for k, v in outputs.loss_dict.items() if k in MAIN_TERMS}
-        terms["loss"] = float(loss.detach())
-        return terms
+        names = [k for k in outputs.loss_dict if k in MAIN_TERMS]
+        values = torch.stack([outputs.loss_dict[k].detach().float() for k in names] + [loss.detach().float()])
+        return dict(zip([*names, "loss"], values.tolist()))  # one device-to-host copy per micro-batch
 
     def train(self) -> TrainResult:
         """Runs (or resumes) the stage to ``max_steps`` and saves the final model; returns where and how it ended."""
