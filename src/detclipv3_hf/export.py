@@ -179,7 +179,7 @@ def export_program(
         detector: The wrapper to export.
         image_size: (height, width) of the example input (any size with `dynamic=True`).
         batch_size: Batch of the example input.
-        dynamic: Export batch (1..64), height and width (32..4096) as dynamic dimensions.
+        dynamic: Export batch (1..64), height and width (MIN_DYNAMIC_SIZE..4096, i.e. 96..4096) as dynamic dimensions.
     """
     inputs = _example_inputs(batch_size, *_example_size(image_size, dynamic), detector.concept_embeds.dtype)
     with torch.no_grad():
