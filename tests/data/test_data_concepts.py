@@ -104,6 +104,11 @@ def test_build_targets_multi_positive():
     record = _record()
     positives = record_positives(record)
     assert positives == ["large striped red circle", "circle", "small blue star", "star"]
+    assert record_positives(record, categories_only=True) == ["circle", "star"]
+    phrase_only = DetectionRecord(
+        Image.new("RGB", (8, 8)), "p", "test", [ObjectAnnotation((0, 0, 4, 4), phrase="a dog")]
+    )
+    assert record_positives(phrase_only, categories_only=True) == ["a dog"]  # no category: its labels stay
     concepts = sample_concepts(positives, DICTIONARY, 30, random.Random(0))
     targets = build_targets(record, concepts)
     names = [[concepts[i] for i in indices] for indices in targets.positive_indices]

@@ -24,7 +24,7 @@ def _collator(processor, world, tiny_stage, stage=1, **overrides):
 
 
 def test_shapes_and_positive_maps(tiny_processor, training_world, records, tiny_stage):
-    batch = _collator(tiny_processor, training_world, tiny_stage)(records, random.Random(0), "detection")
+    batch = _collator(tiny_processor, training_world, tiny_stage)(records, random.Random(0), "grounding")
     batch_size, max_concepts = len(records), batch["concept_mask"].shape[1]
     assert batch["pixel_values"].shape[:2] == (batch_size, 3)
     assert batch["pixel_mask"].shape == (batch_size, *batch["pixel_values"].shape[-2:])
@@ -42,6 +42,24 @@ def test_shapes_and_positive_maps(tiny_processor, training_world, records, tiny_
             assert positives == {obj.phrase, obj.category}
             assert row[cls] == 1
     assert "caption_ids" not in batch["labels"][0]  # stage 1 builds no captioner targets
+
+
+def test_detection_batches_name_boxes_by_category_only(tiny_processor, training_world, records, tiny_stage):
+    """The same GranuCap records as detection data: only the category names are concepts (the phrase would let a
+    model name a box by its colour words); the same records as grounding data keep their phrases."""
+    categories = ConceptDictionary(obj.category for record in records for obj in record.objects)
+    spec = get_stage(1, tiny_stage)
+    collate = DetClipV3TrainingCollator(tiny_processor, spec, categories, caption_max_length=64)
+    for dictionary in (categories, None):  # negatives from a dictionary, or from the batch's own positives
+        collate.concept_dictionary = dictionary
+        batch = collate(records, random.Random(0), "detection")
+        for record, label, concepts in zip(records, batch["labels"], batch["concepts"]):
+            assert set(concepts) <= set(categories)
+            for obj, row in zip(record.objects, label["positive_map"]):
+                assert {concepts[j] for j in row.nonzero().flatten().tolist()} == {obj.category}
+    phrases = {obj.phrase for record in records for obj in record.objects}
+    grounding = collate(records, random.Random(0), "grounding")
+    assert phrases <= {name for concepts in grounding["concepts"] for name in concepts}
 
 
 def test_same_rng_same_batch_and_model_inputs(tiny_processor, training_world, records, tiny_stage):

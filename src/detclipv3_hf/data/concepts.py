@@ -89,9 +89,18 @@ class ConceptDictionary(Sequence[str]):
         return f"ConceptDictionary({len(self)} concepts)"
 
 
-def record_positives(record: DetectionRecord) -> list[str]:
-    """Every positive label of the record's objects, in object order, without duplicates."""
-    return _dedup((label for obj in record.objects for label in obj.labels), "labels")
+def record_positives(record: DetectionRecord, categories_only: bool = False) -> list[str]:
+    """Every positive label of the record's objects, in object order, without duplicates.
+
+    With ``categories_only`` an object that has a ``category`` contributes only that name (detection data name
+    boxes by their category, as COCO / Objects365 do); objects without one still contribute their labels.
+    """
+    labels = (
+        label
+        for obj in record.objects
+        for label in ([obj.category] if categories_only and obj.category else obj.labels)
+    )
+    return _dedup(labels, "labels")
 
 
 def sample_concepts(

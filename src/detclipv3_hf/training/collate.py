@@ -93,8 +93,13 @@ class DetClipV3TrainingCollator:
     def _concepts(
         self, record: DetectionRecord, dictionary: ConceptDictionary, kind: str, rng: random.Random
     ) -> list[str]:
+        """Positives plus sampled negatives. Detection batches use the boxes' category names only, even when the
+        source carries phrases too (a COCO json with phrase extras): that is what makes them detection data. With
+        the phrase in the list, a model can name a box by matching the phrase's easy words (colour) and copying its
+        noun instead of recognising the object (measured on the synthetic world, BENCHMARKS.md "Learnability").
+        Grounding and captioned batches keep every label (phrase and category)."""
         return sample_concepts(
-            record_positives(record),
+            record_positives(record, categories_only=kind == "detection"),
             dictionary,
             self.spec.max_concepts_for(kind),
             rng,
@@ -118,7 +123,11 @@ class DetClipV3TrainingCollator:
         # Negatives come from the concept dictionary, else from the other images' positives in this batch.
         dictionary = self.concept_dictionary
         if dictionary is None:
-            dictionary = ConceptDictionary(name for record in records for name in record_positives(record))
+            dictionary = ConceptDictionary(
+                name
+                for record in records
+                for name in record_positives(record, categories_only=kind == "detection")
+            )
 
         concept_lists: list[list[str]] = []
         annotations, positive_maps, kept_objects = [], [], []
