@@ -43,7 +43,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--stage", type=int, choices=(1, 2, 3))
     p.add_argument("--model", help="model folder or Hub id, or new:<config.json or folder> for fresh weights")
     p.add_argument("--processor", help="processor or tokenizer folder / Hub id (default: the model's)")
-    p.add_argument("--data", action="append", help="KIND=SPEC or SPEC; repeat for several sources")
+    p.add_argument(
+        "--data",
+        action="append",
+        help="KIND=SPEC or SPEC; repeat for several sources. KIND: detection (boxes named by their category only), "
+        "grounding (phrases), captioned (phrase + category, captioner targets)",
+    )
     p.add_argument("--concepts", help="concept dictionary (.txt or .json) for negative concepts")
     p.add_argument("--output", help="run folder: final model, checkpoints/, logs/")
     p.add_argument("--max-steps", type=int)
