@@ -221,7 +221,7 @@ def _coco_object(annotation: dict, categories: Mapping[Any, dict]) -> dict[str, 
         "bbox": annotation.get("bbox"),
         "category": category.get("name"),
         "parent_category": category.get("supercategory"),
-        # Non-standard extras (written by the synthetic world and by auto-annotation exports).
+        # Non-standard extras (the synthetic world writes them; a detection source uses only the category).
         "phrase": annotation.get("phrase"),
         "score": annotation.get("score"),
     }
