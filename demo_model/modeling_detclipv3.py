@@ -1894,11 +1894,15 @@ class DetClipV3ForObjectCaptioning(DetClipV3PreTrainedModel, GenerationMixin):
         return losses, caption_logits, image_logits
 
     # ------------------------------------------------------------------ inference
-    def _generate(self, visual: torch.Tensor, task: str, generate_kwargs: dict) -> Any:
+    def _generate(self, visual: torch.Tensor, task: str, generate_kwargs: dict, max_new_tokens: int) -> Any:
         start = torch.full(
             (visual.shape[0], 1), self._task_token(task), dtype=torch.long, device=visual.device
         )
         config = copy.deepcopy(generate_kwargs.pop("generation_config", None) or self.generation_config)
+        if config.max_new_tokens is None and config.max_length == GenerationConfig().max_length:
+            # No length anywhere: a generation config rebuilt from config.json (a captioning model loaded from a
+            # detector folder, as stage 2 does, saves it on) would cut labels at transformers' 20-token default.
+            config.max_new_tokens = max_new_tokens
         config.update(**generate_kwargs, return_dict_in_generate=True, output_scores=True)
         return self.captioner.generate(
             input_ids=start,
@@ -2002,7 +2006,9 @@ class DetClipV3ForObjectCaptioning(DetClipV3PreTrainedModel, GenerationMixin):
         visual = self.captioner.encode_visual(
             states.flatten(0, 1), boxes.flatten(0, 1), image_index, **self._memory_args(outputs)
         )
-        generated = self._generate(visual, "obj", generate_kwargs)
+        generated = self._generate(
+            visual, "obj", generate_kwargs, self.config.captioner_config.max_label_length
+        )
         returns = generated.sequences.shape[0] // visual.shape[0]
         log_likelihood = self._sequence_log_likelihood(generated, self.config.captioner_config.eos_token_id)
         likelihood = log_likelihood.view(batch, k, returns)[..., 0].exp()
@@ -2038,8 +2044,9 @@ class DetClipV3ForObjectCaptioning(DetClipV3PreTrainedModel, GenerationMixin):
         image_index = torch.arange(batch, device=pixel_values.device)
         full = torch.tensor([0.5, 0.5, 1.0, 1.0], device=pixel_values.device).expand(batch, 4)
         visual = self.captioner.encode_visual(None, full, image_index, **self._memory_args(outputs))
-        generate_kwargs.setdefault("max_new_tokens", self.config.captioner_config.max_caption_length)
-        return self._generate(visual, "img", generate_kwargs).sequences
+        max_new_tokens = self.config.captioner_config.max_caption_length
+        generate_kwargs.setdefault("max_new_tokens", max_new_tokens)
+        return self._generate(visual, "img", generate_kwargs, max_new_tokens).sequences
 
 
 def _pad_cat(rows: list[torch.Tensor], pad_value: int) -> torch.Tensor:

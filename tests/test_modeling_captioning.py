@@ -227,3 +227,25 @@ def test_detector_checkpoint_round_trip(processor, tmp_path, caplog):
     with torch.no_grad():
         torch.testing.assert_close(back(pixel_values).pred_boxes, detector(pixel_values).pred_boxes)
     assert not any(name.startswith("captioner") for name in back.state_dict())
+
+
+def test_a_captioner_loaded_from_a_detector_folder_generates_full_length_labels(processor, tmp_path):
+    """Stage 2 loads the captioning model from a detector folder, which has no generation config: transformers then
+    builds one from config.json without any length. Labels must still get `max_label_length` new tokens, not
+    transformers' 20-token default, also after that config is saved with the checkpoint."""
+    torch.manual_seed(0)
+    config = captioning_config(processor)
+    config.captioner_config.max_label_length = 24
+    config.captioner_config.max_position_embeddings = 32
+    DetClipV3ForObjectDetection(config).save_pretrained(tmp_path / "det")
+    captioning = DetClipV3ForObjectCaptioning.from_pretrained(tmp_path / "det").eval()
+    assert captioning.generation_config.max_new_tokens is None  # what transformers rebuilt from config.json
+    captioning.save_pretrained(tmp_path / "cap")
+    for model in (captioning, DetClipV3ForObjectCaptioning.from_pretrained(tmp_path / "cap").eval()):
+        with torch.no_grad():
+            # min_new_tokens keeps the end token away, so the length budget alone ends every label.
+            out = model.generate_object_labels(render(SCENES[0])[None], top_k=2, min_new_tokens=24)
+        assert out.sequences.shape[1] == 1 + 24
+        with torch.no_grad():  # an explicit length still wins
+            short = model.generate_object_labels(render(SCENES[0])[None], top_k=2, max_new_tokens=5)
+        assert short.sequences.shape[1] <= 1 + 5
