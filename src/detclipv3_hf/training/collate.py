@@ -88,24 +88,6 @@ class DetClipV3TrainingCollator:
             else Compose([RandomResize([max(spec.short_sides)], spec.max_size)])
         )
 
-    # ------------------------------------------------------------------ per image
-
-    def _concepts(
-        self, record: DetectionRecord, dictionary: ConceptDictionary, kind: str, rng: random.Random
-    ) -> list[str]:
-        """Positives plus sampled negatives. Detection batches use the boxes' category names only, even when the
-        source carries phrases too (a COCO json with phrase extras): that is what makes them detection data. With
-        the phrase in the list, a model can name a box by matching the phrase's easy words (colour) and copying its
-        noun instead of recognising the object (measured on the synthetic world, BENCHMARKS.md "Learnability").
-        Grounding and captioned batches keep every label (phrase and category)."""
-        return sample_concepts(
-            record_positives(record, categories_only=kind == "detection"),
-            dictionary,
-            self.spec.max_concepts_for(kind),
-            rng,
-            extra_negatives=record.negatives,
-        )
-
     # ------------------------------------------------------------------ batch
 
     def __call__(
@@ -120,14 +102,20 @@ class DetClipV3TrainingCollator:
         if not isinstance(rng, random.Random):
             raise TypeError(f"rng must be a random.Random, got {type(rng).__name__}")
         records = [transform_record(record, self.transforms, rng) for record in records]
+        # Detection batches use the boxes' category names only, even when the source carries phrases too (a COCO
+        # json with phrase extras): that is what makes them detection data. With the phrase in the list, a model can
+        # name a box by matching the phrase's easy words (colour) and copying its noun instead of recognising the
+        # object (measured on the synthetic world, BENCHMARKS.md "Learnability"). Grounding and captioned batches
+        # keep every label (phrase and category).
+        positives = (
+            []
+            if vocabulary_free
+            else [record_positives(record, categories_only=kind == "detection") for record in records]
+        )
         # Negatives come from the concept dictionary, else from the other images' positives in this batch.
         dictionary = self.concept_dictionary
         if dictionary is None:
-            dictionary = ConceptDictionary(
-                name
-                for record in records
-                for name in record_positives(record, categories_only=kind == "detection")
-            )
+            dictionary = ConceptDictionary(name for names in positives for name in names)
 
         concept_lists: list[list[str]] = []
         annotations, positive_maps, kept_objects = [], [], []
@@ -136,7 +124,13 @@ class DetClipV3TrainingCollator:
                 keep = list(range(len(record.objects)))
                 classes = [0] * len(keep)
             else:
-                concepts = self._concepts(record, dictionary, kind, rng)
+                concepts = sample_concepts(
+                    positives[index],
+                    dictionary,
+                    self.spec.max_concepts_for(kind),
+                    rng,
+                    extra_negatives=record.negatives,
+                )
                 targets = build_targets(record, concepts)
                 # Objects without a positive concept only exist after positive truncation: not supervised.
                 keep = [i for i, indices in enumerate(targets.positive_indices) if indices]
