@@ -1894,15 +1894,25 @@ class DetClipV3ForObjectCaptioning(DetClipV3PreTrainedModel, GenerationMixin):
         return losses, caption_logits, image_logits
 
     # ------------------------------------------------------------------ inference
-    def _generate(self, visual: torch.Tensor, task: str, generate_kwargs: dict, max_new_tokens: int) -> Any:
+    def _generate(
+        self,
+        visual: torch.Tensor,
+        task: str,
+        generate_kwargs: dict,
+        default_max_new_tokens: int | None = None,
+    ) -> Any:
         start = torch.full(
             (visual.shape[0], 1), self._task_token(task), dtype=torch.long, device=visual.device
         )
         config = copy.deepcopy(generate_kwargs.pop("generation_config", None) or self.generation_config)
-        if config.max_new_tokens is None and config.max_length == GenerationConfig().max_length:
+        if (
+            default_max_new_tokens is not None
+            and config.max_new_tokens is None
+            and config.max_length == GenerationConfig().max_length
+        ):
             # No length anywhere: a generation config rebuilt from config.json (a captioning model loaded from a
             # detector folder, as stage 2 does, saves it on) would cut labels at transformers' 20-token default.
-            config.max_new_tokens = max_new_tokens
+            config.max_new_tokens = default_max_new_tokens
         config.update(**generate_kwargs, return_dict_in_generate=True, output_scores=True)
         return self.captioner.generate(
             input_ids=start,
@@ -2044,9 +2054,9 @@ class DetClipV3ForObjectCaptioning(DetClipV3PreTrainedModel, GenerationMixin):
         image_index = torch.arange(batch, device=pixel_values.device)
         full = torch.tensor([0.5, 0.5, 1.0, 1.0], device=pixel_values.device).expand(batch, 4)
         visual = self.captioner.encode_visual(None, full, image_index, **self._memory_args(outputs))
-        max_new_tokens = self.config.captioner_config.max_caption_length
-        generate_kwargs.setdefault("max_new_tokens", max_new_tokens)
-        return self._generate(visual, "img", generate_kwargs, max_new_tokens).sequences
+        # Always set: the generation config's own length is the (shorter) label budget.
+        generate_kwargs.setdefault("max_new_tokens", self.config.captioner_config.max_caption_length)
+        return self._generate(visual, "img", generate_kwargs).sequences
 
 
 def _pad_cat(rows: list[torch.Tensor], pad_value: int) -> torch.Tensor:
