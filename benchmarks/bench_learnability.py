@@ -450,8 +450,9 @@ def run_stage(
     return output, seconds
 
 
-def evaluate_ours(folder: Path, val_json: Path, val_root: Path, batch_size: int) -> dict[str, dict[str, Any]]:
-    """Vocabulary-mode AP and vocabulary-free AP / naming accuracy of a captioning checkpoint on the val split."""
+def evaluate_ours(folder: Path, val_json: Path, val_root: Path, batch_size: int) -> dict[str, Any]:
+    """Vocabulary-mode AP and vocabulary-free AP / naming accuracy of a captioning checkpoint on the val split, and
+    its parameter count."""
     model = DetClipV3ForObjectCaptioning.from_pretrained(folder).eval()
     processor = DetClipV3Processor.from_pretrained(folder)
     ground_truth = json.loads(val_json.read_text())
@@ -474,7 +475,7 @@ def evaluate_ours(folder: Path, val_json: Path, val_root: Path, batch_size: int)
     )
     free = evaluate_vocab_free(ground_truth, predictions, None, text_embedder(model, processor), max_dets=100)
     free["eval_seconds"] = time.perf_counter() - start
-    return {"vocabulary": vocab, "vocabulary_free": free}
+    return {"vocabulary": vocab, "vocabulary_free": free, "parameters": count_parameters(model)}
 
 
 # ------------------------------------------------------------------------------------------- Grounding DINO
@@ -886,7 +887,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     ours = evaluate_ours(folder3, world.val.coco_file, world.val.root, args.eval_batch_size)
-    ours["parameters"] = count_parameters(DetClipV3ForObjectCaptioning.from_pretrained(folder3))
     ours["train_seconds"] = {"stage0": stage0["seconds"], "stage1": t1, "stage2": t2, "stage3": t3}
     ours["stage0"] = stage0
     logger.info("ours: vocabulary AP %.3f AP50 %.3f", ours["vocabulary"]["AP"], ours["vocabulary"]["AP50"])
