@@ -115,6 +115,13 @@ class SkipStats:
         if self.skipped == self.max_logged:
             logger.warning("further skipped records are logged at DEBUG level only")
 
+    def merge(self, other: SkipStats) -> SkipStats:
+        """Adds ``other``'s counts (seen, kept, skip reasons) to these and returns ``self``; examples are kept."""
+        self.seen += other.seen
+        self.kept += other.kept
+        self.reasons.update(other.reasons)
+        return self
+
     def summary(self) -> str:
         """One line such as ``"read 10, kept 8, skipped 2 (invalid box: 1, unreadable image: 1)"``."""
         detail = ", ".join(f"{kind}: {count}" for kind, count in sorted(self.reasons.items()))

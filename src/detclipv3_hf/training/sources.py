@@ -73,11 +73,6 @@ class EndlessSource:
             shuffle_buffer_size=self.shuffle_buffer_size,
         )
 
-    def _merge_stats(self, stream: RecordStream) -> None:
-        self.stats.seen += stream.stats.seen
-        self.stats.kept += stream.stats.kept
-        self.stats.reasons.update(stream.stats.reasons)
-
     def next_record(self) -> DetectionRecord:
         """The next usable record, starting a new epoch when this rank's share is exhausted.
 
@@ -90,7 +85,7 @@ class EndlessSource:
             try:
                 record = next(self._stream)
             except StopIteration:
-                self._merge_stats(self._stream)
+                self.stats.merge(self._stream.stats)
                 # An epoch read from its start without one usable record would loop forever.
                 empty = self._kept_this_epoch == 0 and self._start == 0
                 logger.info("%s rank %d finished epoch %d", self.name, self.rank, self.epoch)
@@ -109,12 +104,8 @@ class EndlessSource:
 
     def close_stats(self) -> SkipStats:
         """Skip statistics of every finished epoch plus the running one."""
-        stats = SkipStats(seen=self.stats.seen, kept=self.stats.kept, reasons=self.stats.reasons.copy())
-        if self._stream is not None:
-            stats.seen += self._stream.stats.seen
-            stats.kept += self._stream.stats.kept
-            stats.reasons.update(self._stream.stats.reasons)
-        return stats
+        stats = SkipStats().merge(self.stats)
+        return stats.merge(self._stream.stats) if self._stream is not None else stats
 
 
 class MixedRecordSource:
