@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import yaml
 from tiny import tiny_config
+from tqdm.auto import tqdm
 from transformers import AutoModelForZeroShotObjectDetection
 
 from detclipv3_hf import DetClipV3ForObjectDetection, DetClipV3Processor
 from detclipv3_hf.training import DetClipV3Trainer
+from detclipv3_hf.training import trainer as trainer_module
 from detclipv3_hf.training.cli import main
 
 
@@ -70,3 +73,14 @@ def test_gradient_accumulation_and_data_kinds(tmp_path, make_config, detector_fo
     with pytest.raises(ValueError, match="no data source matches"):
         config = make_config(tmp_path / "acc", tmp_path / "s2", stage=2)
         DetClipV3Trainer(config).train()
+
+
+@pytest.mark.parametrize("default_disable", [True, False])
+def test_progress_bar_keeps_tqdm_default(
+    tmp_path, make_config, detector_folder, monkeypatch, capsys, default_disable
+):
+    # tqdm reads TQDM_DISABLE into its defaults at import time; a default set through partial stands in for it
+    # (an explicit ``disable=`` from the trainer would override either).
+    monkeypatch.setattr(trainer_module, "tqdm", functools.partial(tqdm, disable=default_disable))
+    DetClipV3Trainer(make_config(detector_folder, tmp_path / "run", max_steps=1)).train()
+    assert ("stage 1: 100%|" in capsys.readouterr().err) is not default_disable

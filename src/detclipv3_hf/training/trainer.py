@@ -528,7 +528,9 @@ class DetClipV3Trainer:
         progress = tqdm(
             total=cfg.max_steps,
             initial=self.state.global_step,
-            disable=not acc.is_local_main_process,
+            # Only other ranks force the bar off; on the main process tqdm's own default applies, so
+            # ``TQDM_DISABLE=1`` in the environment silences it (as it does every other bar).
+            **({} if acc.is_local_main_process else {"disable": True}),
             desc=f"stage {self.spec.stage}",
         )
         window: dict[str, list[float]] = defaultdict(list)
