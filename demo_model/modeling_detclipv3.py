@@ -694,7 +694,19 @@ def init_deformable_attention(module: DetClipV3MultiscaleDeformableAttention) ->
     init.constant_(module.output_proj.bias, 0.0)
 
 
-class DetClipV3PreTrainedModel(PreTrainedModel):
+class DetClipV3InitMixin:
+    """Initialises every module of a DetCLIPv3 model, also when it is loaded as Hub remote code.
+
+    `_init_weights` only uses `transformers.initialization`, which already leaves loaded parameters alone. The
+    custom-code shortcut of transformers would instead skip every module without parameters of its own (the
+    deformable attention, the attention blocks, the input projections) and leave them at PyTorch defaults.
+    """
+
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        super()._initialize_weights(module, is_custom_code=False)
+
+
+class DetClipV3PreTrainedModel(DetClipV3InitMixin, PreTrainedModel):
     config_class = DetClipV3Config
     config: DetClipV3Config
     base_model_prefix = "model"
@@ -743,12 +755,6 @@ class DetClipV3PreTrainedModel(PreTrainedModel):
                 )
             self.model_card_writer(save_directory, **(model_card if isinstance(model_card, dict) else {}))
         return result
-
-    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
-        # `_init_weights` only uses `transformers.initialization`, which already leaves loaded parameters alone. The
-        # custom-code shortcut of transformers would instead skip every module without parameters of its own (the
-        # deformable attention, the attention blocks, the input projections) and leave them at PyTorch defaults.
-        super()._initialize_weights(module, is_custom_code=False)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -1574,7 +1580,7 @@ class DetClipV3CaptionerLayer(GradientCheckpointingLayer):
         return text + self._drop(self.ffn(self.ffn_norm(text)))
 
 
-class DetClipV3Captioner(PreTrainedModel, GenerationMixin):
+class DetClipV3Captioner(DetClipV3InitMixin, PreTrainedModel, GenerationMixin):
     """The object captioner: a Q-Former-like multimodal transformer that writes `phrase|category|parent category` for
     an object (or a caption for an image) from visual queries that read the pixel-encoder memory.
 
@@ -1604,12 +1610,6 @@ class DetClipV3Captioner(PreTrainedModel, GenerationMixin):
         )
         self.final_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.post_init()
-
-    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
-        # `_init_weights` only uses `transformers.initialization`, which already leaves loaded parameters alone. The
-        # custom-code shortcut of transformers would instead skip every module without parameters of its own (the
-        # deformable attention, the attention blocks, the input projections) and leave them at PyTorch defaults.
-        super()._initialize_weights(module, is_custom_code=False)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -249,3 +249,22 @@ def test_a_captioner_loaded_from_a_detector_folder_generates_full_length_labels(
         with torch.no_grad():  # an explicit length still wins
             short = model.generate_object_labels(render(SCENES[0])[None], top_k=2, max_new_tokens=5)
         assert short.sequences.shape[1] <= 1 + 5
+
+
+def test_fresh_model_initialises_modules_without_parameters_of_their_own(processor):
+    # The deformable attentions own no parameter directly (only their projections do). transformers' custom-code
+    # shortcut, which applies to every model outside `transformers.` (this package and Hub remote code), would skip
+    # them and leave the sampling offsets at PyTorch's random default instead of a fixed grid and zero weights.
+    from detclipv3_hf.modeling_detclipv3 import DetClipV3MultiscaleDeformableAttention
+
+    model = DetClipV3ForObjectCaptioning(captioning_config(processor))
+    attentions = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, DetClipV3MultiscaleDeformableAttention)
+    }
+    assert any(name.startswith("captioner.") for name in attentions)  # both models are covered
+    assert any(name.startswith("model.") for name in attentions)
+    for name, module in attentions.items():
+        assert not module.sampling_offsets.weight.any() and not module.attention_weights.weight.any(), name
+        assert module.sampling_offsets.bias.any(), name  # the grid of initial sampling directions
