@@ -16,8 +16,10 @@ from detclipv3_hf.annotation.parsing import NO_ENTITIES, NO_FACTS, OK, PARSE_FAI
 
 BUS = Entity("red double-decker bus", "bus", "vehicle")
 DOG = Entity("small brown dog", "dog", "animal")
-CLEAN = '[{"phrase": "red double-decker bus", "category": "bus", "parent category": "vehicle"}, ' \
-        '{"phrase": "small brown dog", "category": "dog", "parent category": "animal"}]'
+CLEAN = (
+    '[{"phrase": "red double-decker bus", "category": "bus", "parent category": "vehicle"}, '
+    '{"phrase": "small brown dog", "category": "dog", "parent category": "animal"}]'
+)
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -99,8 +101,18 @@ def test_filter_keeps_the_facts_and_strips_quotes_and_fences():
         CLEAN.replace("parent category", "Parent-Category"),
         '{"entities": ' + CLEAN + "}",
     ],
-    ids=["clean", "fence-json", "fence-bare", "prose", "single-quotes", "trailing-commas", "parent_category",
-         "parent", "odd-case-key", "wrapper-object"],
+    ids=[
+        "clean",
+        "fence-json",
+        "fence-bare",
+        "prose",
+        "single-quotes",
+        "trailing-commas",
+        "parent_category",
+        "parent",
+        "odd-case-key",
+        "wrapper-object",
+    ],
 )
 def test_messy_answers_parse_to_the_same_entities(answer):
     result = parse_entities(answer)
@@ -111,6 +123,21 @@ def test_messy_answers_parse_to_the_same_entities(answer):
 def test_single_quoted_json_with_apostrophe_inside_double_quotes():
     answer = "[{'phrase': \"man's red hat\", 'category': 'hat', 'parent category': 'clothing'}]"
     assert parse_entities(answer).entities == (Entity("man's red hat", "hat", "clothing"),)
+
+
+@pytest.mark.parametrize(
+    "phrase, written",
+    [
+        ("man's red hat", "man's red hat"),  # apostrophe between letters: no Python parser reads this
+        ('it\'s a "big" hat', 'it\\\'s a "big" hat'),  # escaped apostrophe, double quotes inside
+    ],
+    ids=["bare-apostrophe", "escaped-apostrophe-and-quotes"],
+)
+def test_single_quoted_json_with_apostrophe_inside_single_quotes(phrase, written):
+    answer = "[{'phrase': '" + written + "', 'category': 'hat', 'parent category': 'clothing',}]"
+    result = parse_entities(answer)
+    assert result.status == OK, result.reason
+    assert result.entities == (Entity(phrase, "hat", "clothing"),)
 
 
 @pytest.mark.parametrize("cut", [len(CLEAN) - 1, len(CLEAN) - 3, CLEAN.index('"animal"') + 4])
@@ -124,20 +151,24 @@ def test_truncated_list_recovers_complete_objects(cut):
 
 
 def test_malformed_middle_object_is_skipped_with_a_reason():
-    answer = ('[{"phrase": "red double-decker bus", "category": "bus", "parent category": "vehicle"}, '
-              '{"phrase": oops}, {"phrase": "small brown dog", "category": "dog", "parent category": "animal"}]')
+    answer = (
+        '[{"phrase": "red double-decker bus", "category": "bus", "parent category": "vehicle"}, '
+        '{"phrase": oops}, {"phrase": "small brown dog", "category": "dog", "parent category": "animal"}]'
+    )
     result = parse_entities(answer)
     assert result.status == OK and result.entities == (BUS, DOG)
     assert "unparsable" in result.reason
 
 
 def test_items_missing_fields_are_reported_and_duplicates_merged():
-    answer = json.dumps([
-        {"phrase": "red double-decker bus", "category": "bus", "parent category": "vehicle"},
-        {"phrase": "Red  double-decker bus", "category": "Bus", "parent category": "Vehicle"},
-        {"phrase": "tree", "category": "tree"},
-        "just a string",
-    ])
+    answer = json.dumps(
+        [
+            {"phrase": "red double-decker bus", "category": "bus", "parent category": "vehicle"},
+            {"phrase": "Red  double-decker bus", "category": "Bus", "parent category": "Vehicle"},
+            {"phrase": "tree", "category": "tree"},
+            "just a string",
+        ]
+    )
     result = parse_entities(answer)
     assert result.status == OK
     assert result.entities == (BUS,)
@@ -159,7 +190,7 @@ def test_empty_list_means_no_entities():
     [
         ("", "empty"),
         ("There is a bus and a dog in the image.", "no JSON"),
-        ("[{\"phrase\": \"red bus\", \"categ", "no complete entity"),
+        ('[{"phrase": "red bus", "categ', "no complete entity"),
         ('[{"phrase": "a"}, {"category": "b"}]', "missing"),
         ("[1, 2, 3]", "not an object"),
     ],

@@ -27,7 +27,14 @@ _SNIPPET = 120
 # Accepted spellings of the three entity fields after normalising keys (lower case, `_`/`-` -> space).
 _PHRASE_KEYS = ("phrase", "entity phrase", "entity")
 _CATEGORY_KEYS = ("category",)
-_PARENT_KEYS = ("parent category", "parent", "parentcategory", "parent class", "super category", "supercategory")
+_PARENT_KEYS = (
+    "parent category",
+    "parent",
+    "parentcategory",
+    "parent class",
+    "super category",
+    "supercategory",
+)
 _WRAPPER_KEYS = ("entities", "objects", "items", "result")
 
 
@@ -112,6 +119,11 @@ def parse_filter_answer(text: str) -> FilterResult:
     return FilterResult(body, OK, None)
 
 
+def _is_apostrophe(text: str, i: int) -> bool:
+    """Whether the single quote at ``text[i]`` sits between two letters (``man's``) and so is no delimiter."""
+    return 0 < i < len(text) - 1 and text[i - 1].isalpha() and text[i + 1].isalpha()
+
+
 def _scan(text: str):
     """Yields (index, char, depth_before) for bracket characters outside string literals.
 
@@ -128,10 +140,7 @@ def _scan(text: str):
             elif ch == "\\":
                 escaped = True
             elif ch == quote:
-                is_apostrophe = (
-                    quote == "'" and 0 < i < len(text) - 1 and text[i - 1].isalpha() and text[i + 1].isalpha()
-                )
-                if not is_apostrophe:
+                if not (quote == "'" and _is_apostrophe(text, i)):
                     quote = None
             continue
         if ch in "\"'":
@@ -167,17 +176,50 @@ def _complete_objects(text: str, level: int) -> list[str]:
     return objects
 
 
+def _double_quoted(text: str) -> str:
+    """``text`` with its single-quoted strings rewritten as JSON double-quoted strings, apostrophes inside them
+    (``'man's hat'``, the rule of :func:`_scan`) kept as text and double quotes inside them escaped."""
+    out: list[str] = []
+    quote: str | None = None
+    escaped = False
+    for i, ch in enumerate(text):
+        if quote is None:
+            if ch in "\"'":
+                quote = ch
+                ch = '"'
+        elif escaped:
+            escaped = False
+            if quote == "'" and ch == "'":
+                out[-1] = ""  # JSON has no \' escape
+        elif ch == "\\":
+            escaped = True
+        elif ch == quote and not (quote == "'" and _is_apostrophe(text, i)):
+            quote = None
+            ch = '"'
+        elif quote == "'" and ch == '"':
+            ch = '\\"'
+        out.append(ch)
+    return "".join(out)
+
+
 def _loads(candidate: str) -> Any:
-    """Strict JSON, then JSON without trailing commas, then Python literals (single quotes); None if all fail."""
+    """Strict JSON, then JSON without trailing commas, then Python literals (single quotes), then single-quoted
+    JSON whose strings hold apostrophes (``'man's hat'``, which no Python parser reads); None if all fail."""
     for attempt in (candidate, _TRAILING_COMMA.sub(r"\1", candidate)):
         try:
             return json.loads(attempt)
         except (json.JSONDecodeError, RecursionError):
             pass
-    python_like = re.sub(r"\bnull\b", "None", re.sub(r"\btrue\b", "True", re.sub(r"\bfalse\b", "False", candidate)))
+    python_like = re.sub(
+        r"\bnull\b", "None", re.sub(r"\btrue\b", "True", re.sub(r"\bfalse\b", "False", candidate))
+    )
     try:
         return ast.literal_eval(python_like)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    try:
+        return json.loads(_TRAILING_COMMA.sub(r"\1", _double_quoted(candidate)))
+    except (json.JSONDecodeError, RecursionError):
         return None
 
 
@@ -199,8 +241,11 @@ def entity_from_mapping(item: Any) -> Entity | str:
     phrase = _field(item, _PHRASE_KEYS)
     category = _field(item, _CATEGORY_KEYS)
     parent = _field(item, _PARENT_KEYS)
-    missing = [name for name, value in (("phrase", phrase), ("category", category), ("parent category", parent))
-               if value is None]
+    missing = [
+        name
+        for name, value in (("phrase", phrase), ("category", category), ("parent category", parent))
+        if value is None
+    ]
     if missing:
         return "missing or empty " + ", ".join(repr(m) for m in missing)
     return Entity(phrase, category, parent)  # type: ignore[arg-type]
@@ -222,7 +267,7 @@ def _extract_items(body: str) -> tuple[list[Any] | None, str | None]:
     starts = [i for i in (body.find("["), body.find("{")) if i >= 0]
     if not starts:
         return None, "no JSON list or object found in answer " + _snippet(body)
-    text = body[min(starts):]
+    text = body[min(starts) :]
     close = _matching_close(text)
     if close is not None:
         items = _items_from_value(_loads(text[: close + 1]))
