@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForZeroShotObjectDetection
 
 from detclipv3_hf import DetClipV3ForObjectDetection, DetClipV3Processor
-from detclipv3_hf.training import DetClipV3Trainer
+from detclipv3_hf.training import DetClipV3Trainer, TrainConfig
 from detclipv3_hf.training import trainer as trainer_module
 from detclipv3_hf.training.cli import main
 
@@ -84,3 +84,18 @@ def test_progress_bar_keeps_tqdm_default(
     monkeypatch.setattr(trainer_module, "tqdm", functools.partial(tqdm, disable=default_disable))
     DetClipV3Trainer(make_config(detector_folder, tmp_path / "run", max_steps=1)).train()
     assert ("stage 1: 100%|" in capsys.readouterr().err) is not default_disable
+
+
+def test_every_train_config_field_has_a_flag_that_reaches_the_config():
+    import argparse
+    import dataclasses
+
+    from detclipv3_hf.training.cli import add_train_arguments, config_from_args
+
+    parser = add_train_arguments(argparse.ArgumentParser())
+    flags = vars(parser.parse_args([]))
+    fields = [field.name for field in dataclasses.fields(TrainConfig)]
+    assert [name for name in fields if name != "stage_overrides" and name not in flags] == []
+    args = parser.parse_args(["--model", "m", "--output", "o", "--data", "x.json", "--adam-beta2", "0.98"])
+    config = config_from_args(args)
+    assert config.adam_beta2 == 0.98 and config.adam_beta1 == TrainConfig.adam_beta1

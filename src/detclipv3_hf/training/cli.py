@@ -17,6 +17,7 @@ a processor folder or a plain tokenizer folder). ``--data`` takes ``KIND=SPEC`` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -56,6 +57,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--gradient-accumulation-steps", type=int)
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--weight-decay", type=float)
+    p.add_argument("--adam-beta1", type=float)
+    p.add_argument("--adam-beta2", type=float)
+    p.add_argument("--adam-epsilon", type=float)
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--max-grad-norm", type=float, help="gradient clipping; 0 disables")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"))
@@ -111,13 +115,8 @@ def _stage_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Merges ``--config`` and the flags into a validated :class:`TrainConfig`."""
     file_values = load_config_file(args.config) if args.config else None
-    names = (
-        "stage", "model", "processor", "data", "concepts", "output", "max_steps", "batch_size",
-        "gradient_accumulation_steps", "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm",
-        "mixed_precision", "gradient_checkpointing", "seed", "shuffle", "shuffle_buffer_size", "streaming",
-        "save_steps", "save_total_limit", "logging_steps", "resume", "report_to", "lora", "lora_rank", "lora_alpha",
-        "lora_dropout", "lora_target_modules",
-    )  # fmt: skip
+    # Every TrainConfig field has a flag of the same name (a test keeps it so); stage overrides are gathered apart.
+    names = [field.name for field in dataclasses.fields(TrainConfig) if field.name != "stage_overrides"]
     values = {name: getattr(args, name) for name in names}
     values["stage_overrides"] = _stage_overrides(args)
     return build_train_config(file_values, **values)
