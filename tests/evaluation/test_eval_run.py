@@ -61,3 +61,30 @@ def test_eval_writes_results_json(setup, extra):
     assert "AP" in record["metrics"] and "AP50" in record["metrics"]
     if "--vocabulary-free" in extra:
         assert "category_accuracy" in record["metrics"]
+
+
+def test_vocabulary_free_predictions_carry_the_three_label_fields(setup):
+    from PIL import Image
+
+    from detclipv3_hf.evaluation.run import predict_dataset
+
+    root, world = setup
+    model = DetClipV3ForObjectCaptioning.from_pretrained(root / "ckpt").eval()
+    processor = DetClipV3Processor.from_pretrained(root / "ckpt")
+    ground_truth = json.loads(world.val.coco_file.read_text())
+    predictions = predict_dataset(
+        model, processor, ground_truth, world.val.root, vocabulary_free=True, batch_size=1, top_k=5
+    )
+    assert [p["image_id"] for p in predictions] == [info["id"] for info in ground_truth["images"]]
+    for entry, info in zip(predictions, ground_truth["images"]):
+        image = Image.open(world.val.root / info["file_name"])
+        inputs = processor(images=[image], return_tensors="pt")
+        with torch.no_grad():
+            generated = model.generate_object_labels(inputs["pixel_values"], inputs["pixel_mask"], top_k=5)
+        (found,) = processor.post_process_object_captioning(
+            generated, threshold=0.0, target_sizes=[(image.height, image.width)]
+        )
+        assert entry["phrases"] == [r["phrase"] for r in found]
+        assert entry["categories"] == [r["category"] for r in found]
+        assert entry["parent_categories"] == [r["parent_category"] for r in found]
+        assert entry["boxes"].shape[0] == len(found) == len(entry["scores"])

@@ -57,7 +57,11 @@ def predict_dataset(
     class_names: Sequence[str] | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Predictions for every image of a COCO-format `ground_truth`, in the evaluators' input format."""
+    """Predictions for every image of a COCO-format `ground_truth`, in the evaluators' input format.
+
+    Vocabulary mode: `image_id`, `boxes` (xyxy pixels), `scores`, `labels` (category ids). Vocabulary-free mode:
+    `image_id`, `boxes`, `scores` and, per box, the generated `phrases`, `categories` and `parent_categories`.
+    """
     categories = ground_truth["categories"]
     names = list(class_names) if class_names is not None else [c["name"] for c in categories]
     if len(names) != len(categories):
@@ -87,6 +91,7 @@ def predict_dataset(
                         "image_id": info["id"],
                         "boxes": torch.tensor([r["box"] for r in found]).reshape(-1, 4),
                         "scores": torch.tensor([r["score"] for r in found]),
+                        "phrases": [r["phrase"] for r in found],
                         "categories": [r["category"] for r in found],
                         "parent_categories": [r["parent_category"] for r in found],
                     }
