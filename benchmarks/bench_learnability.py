@@ -397,14 +397,18 @@ def pretrain_grounding_dino_text(
 
 def stage_overrides(args: argparse.Namespace, stage: int) -> dict[str, Any]:
     """Small images and concept budgets for a CPU run. The towers are tiny and only briefly pretrained (stage 0),
-    so the backbone and the concept side learn at ``--concept-lr-multiplier`` / full LR instead of the stage's
-    0.1 multipliers for large pretrained towers (measured: 0.1 on either side lowers stage-1 AP50)."""
+    so the backbone and the concept side learn at ``--backbone-lr-multiplier`` / ``--concept-lr-multiplier`` (full LR
+    by default) instead of the stage's 0.1 multipliers for large pretrained towers (measured: 0.1 on either side
+    lowers stage-1 AP50)."""
     overrides: dict[str, Any] = {
         "short_sides": list(args.short_sides),
         "max_size": args.max_size,
         "random_crop": False,
         "max_concepts": dict.fromkeys(("detection", "grounding", "captioned"), args.max_concepts),
-        "learning_rate_multipliers": {"backbone": 1.0, "concept": args.concept_lr_multiplier},
+        "learning_rate_multipliers": {
+            "backbone": args.backbone_lr_multiplier,
+            "concept": args.concept_lr_multiplier,
+        },
     }
     if stage == 1:
         overrides["vocabulary_free_ratio"] = args.vocabulary_free_ratio
@@ -871,6 +875,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps1", type=int, default=3000)
     p.add_argument("--steps2", type=int, default=1600)
     p.add_argument("--steps3", type=int, default=300)
+    p.add_argument("--backbone-lr-multiplier", type=float, default=1.0, help="LR multiplier of the backbone")
     p.add_argument(
         "--concept-lr-multiplier",
         type=float,
