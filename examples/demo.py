@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--caption-threshold", type=float, default=0.05, help="vocabulary-free score threshold"
     )
     parser.add_argument("--top-k", type=int, default=10, help="objects captioned per image")
-    # The default thresholds are low because the bundled model is tiny and under-trained (demo_model/README.md):
+    # The default thresholds are low because the bundled model is tiny and trained for minutes (demo_model/README.md):
     # many of its right answers score 0.2-0.5 (detection) and 0.05-0.4 (captioning, objectness x label likelihood).
     args = parser.parse_args(argv)
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
