@@ -60,7 +60,7 @@ from detclipv3_hf import (
 )
 from detclipv3_hf.data import generate_synthetic_world, load_records, train_clip_tokenizer, transform_record
 from detclipv3_hf.data.synthetic import CATEGORIES, CATEGORY_PARENTS, COLORS, SIZES, TEXTURES
-from detclipv3_hf.evaluation import evaluate_coco, evaluate_vocab_free
+from detclipv3_hf.evaluation import evaluate_coco, evaluate_vocab_free, match_ground_truth_boxes
 from detclipv3_hf.evaluation.run import predict_dataset, text_embedder
 from detclipv3_hf.training import TrainConfig, build_stage_transforms, get_stage, train
 from detclipv3_hf.training.trainer import build_model_and_processor
@@ -465,9 +465,8 @@ def phrase_word_accuracy(
     ground_truth: dict[str, Any], predictions: list[dict[str, Any]], iou_threshold: float = 0.5
 ) -> dict[str, float]:
     """Share of ground-truth boxes whose matched generated phrase has the right size, colour and texture word
-    (``solid`` when no texture word is written, as the world does). The match is the same as the naming accuracy's:
-    the prediction with the best IoU (>= ``iou_threshold``); unmatched boxes count as wrong."""
-    from torchvision.ops import box_iou
+    (``solid`` when no texture word is written, as the world does). The match is the naming accuracy's
+    (``match_ground_truth_boxes``); unmatched boxes count as wrong."""
 
     def words(phrase: str) -> dict[str, str | None]:
         tokens = phrase.split()
@@ -477,24 +476,15 @@ def phrase_word_accuracy(
             "texture": next((t for t in tokens if t in TEXTURES), "solid"),
         }
 
-    by_image = {entry["image_id"]: entry for entry in predictions}
+    phrases = {entry["image_id"]: entry["phrases"] for entry in predictions}
+    matches = match_ground_truth_boxes(ground_truth, predictions, iou_threshold=iou_threshold)
     correct = dict.fromkeys(("size", "colour", "texture"), 0)
-    total = 0
-    for ann in ground_truth["annotations"]:
-        total += 1
-        entry = by_image.get(ann["image_id"])
-        if entry is None or len(entry["phrases"]) == 0:
-            continue
-        x, y, w, h = ann["bbox"]
-        order = torch.as_tensor(entry["scores"]).argsort(descending=True)  # ties go to the higher score
-        boxes = torch.as_tensor(entry["boxes"], dtype=torch.float32)[order]
-        ious = box_iou(torch.tensor([[x, y, x + w, y + h]], dtype=torch.float32), boxes)[0]
-        if float(ious.max()) < iou_threshold:
-            continue
-        truth, generated = words(ann["phrase"]), words(entry["phrases"][int(order[int(ious.argmax())])])
-        for key in correct:
-            correct[key] += truth[key] == generated[key]
-    return {key: value / total for key, value in correct.items()} if total else {}
+    for annotation, k in matches:
+        if k is not None:
+            truth, generated = words(annotation["phrase"]), words(phrases[annotation["image_id"]][k])
+            for key in correct:
+                correct[key] += truth[key] == generated[key]
+    return {key: value / len(matches) for key, value in correct.items()} if matches else {}
 
 
 def evaluate_ours(folder: Path, val_json: Path, val_root: Path, batch_size: int) -> dict[str, Any]:

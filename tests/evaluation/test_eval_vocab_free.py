@@ -13,6 +13,7 @@ from detclipv3_hf.evaluation import (
     GeneratedCategoryMapper,
     evaluate_vocab_free,
     map_generated_to_classes,
+    match_ground_truth_boxes,
     naming_accuracy,
     normalize_category_name,
 )
@@ -173,6 +174,25 @@ def test_naming_accuracy_on_a_hand_case():
     assert accuracy["category_accuracy"] == pytest.approx(2 / 4)
     assert accuracy["parent_category_accuracy"] == pytest.approx(2 / 4)
     assert accuracy["num_gt_boxes"] == 4
+
+
+def test_match_ground_truth_boxes_is_the_naming_match():
+    # Only boxes and scores are needed; the hand case's labels say which box each annotation must get.
+    predictions = [
+        {k: v for k, v in entry.items() if k in ("image_id", "boxes", "scores")}
+        for entry in hand_predictions()
+    ]
+    matches = match_ground_truth_boxes(ground_truth(), predictions)
+    assert [(annotation["id"], k) for annotation, k in matches] == [(1, 0), (2, 1), (3, 0), (4, None)]
+    # Image 2 without predictions: both of its boxes are unmatched.
+    matches = match_ground_truth_boxes(ground_truth(), predictions[:1])
+    assert [(annotation["id"], k) for annotation, k in matches] == [(1, 0), (2, 1), (3, None), (4, None)]
+    assert [k for _, k in match_ground_truth_boxes(ground_truth(), predictions, iou_threshold=0.99)] == [
+        0,
+        None,
+        None,
+        None,
+    ]
 
 
 def test_naming_accuracy_respects_the_iou_threshold():

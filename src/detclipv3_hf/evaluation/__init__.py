@@ -24,6 +24,7 @@ from .vocab_free import (
     GeneratedCategoryMapper,
     evaluate_vocab_free,
     map_generated_to_classes,
+    match_ground_truth_boxes,
     naming_accuracy,
     normalize_category_name,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "load_coco_ground_truth",
     "load_results",
     "map_generated_to_classes",
+    "match_ground_truth_boxes",
     "naming_accuracy",
     "normalize_category_name",
     "predictions_to_coco_results",

@@ -15,7 +15,7 @@ DetCLIPv3 text encoder, or any sentence encoder).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -181,6 +181,56 @@ def _parse_vocab_free_predictions(
     return parsed
 
 
+def _best_iou_matches(
+    coco_gt: Any, entries: Mapping[int, Mapping[str, Any]], iou_threshold: float
+) -> Iterator[tuple[dict[str, Any], int | None]]:
+    """``(annotation, index of its matched box in its image's entry or None)`` for every non-crowd ground-truth box,
+    image by image. ``entries`` maps image ids to dicts with numpy ``boxes`` (K, 4) xyxy and ``scores`` (K,)."""
+    for image_id in coco_gt.getImgIds():
+        annotations = [a for a in coco_gt.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        entry = entries.get(image_id)
+        if entry is None or len(entry["boxes"]) == 0:
+            yield from ((annotation, None) for annotation in annotations)
+            continue
+        if not annotations:
+            continue
+        # Sorting predictions by score makes argmax (first maximum) break IoU ties towards higher scores.
+        order = np.argsort(-entry["scores"], kind="stable")
+        gt_boxes = box_convert(
+            torch.tensor([a["bbox"] for a in annotations], dtype=torch.float64), "xywh", "xyxy"
+        )
+        ious = box_iou(gt_boxes, torch.from_numpy(entry["boxes"][order]))  # (G, K)
+        best_iou, best = ious.max(dim=1)
+        for annotation, iou, k in zip(annotations, best_iou.tolist(), best.tolist()):
+            yield annotation, (int(order[k]) if iou >= iou_threshold else None)
+
+
+def match_ground_truth_boxes(
+    ground_truth: GroundTruth,
+    predictions: Sequence[Mapping[str, Any]],
+    *,
+    iou_threshold: float = 0.5,
+) -> list[tuple[dict[str, Any], int | None]]:
+    """The match `naming_accuracy` uses, for scoring any other per-box field of the predictions (e.g. phrases).
+
+    Args:
+        ground_truth: COCO-format dict / JSON path / `COCO`.
+        predictions: Per-image dicts with ``image_id``, ``boxes`` (K, 4) xyxy absolute pixels and ``scores``.
+        iou_threshold: Minimum IoU of a match.
+
+    Returns:
+        ``(annotation, k)`` for every non-crowd ground-truth box, where ``k`` indexes the matched box in the
+        prediction entry of the annotation's image (the highest IoU >= `iou_threshold`, ties to the higher score),
+        or is None when no box matches.
+    """
+    coco_gt = load_coco_ground_truth(ground_truth)
+    entries = {}
+    for index, entry in enumerate(predictions):
+        image_id, boxes, scores = prediction_boxes_and_scores(entry, index)
+        entries[image_id] = {"boxes": boxes, "scores": scores}
+    return list(_best_iou_matches(coco_gt, entries, iou_threshold))
+
+
 def naming_accuracy(
     ground_truth: GroundTruth,
     predictions: Sequence[Mapping[str, Any]],
@@ -209,36 +259,21 @@ def naming_accuracy(
         entry["image_id"]: entry for entry in _parse_vocab_free_predictions(predictions, set(coco_gt.imgs))
     }
     matched = category_correct = parent_correct = parent_total = num_gt = 0
-    for image_id in coco_gt.getImgIds():
-        annotations = [a for a in coco_gt.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
-        if not annotations:
+    for annotation, prediction in _best_iou_matches(coco_gt, parsed, iou_threshold):
+        num_gt += 1
+        category = coco_gt.cats[annotation["category_id"]]
+        parent = normalize_category_name(category.get("supercategory") or "")
+        parent_total += bool(parent)
+        if prediction is None:
             continue
-        num_gt += len(annotations)
-        parents = [
-            normalize_category_name(coco_gt.cats[a["category_id"]].get("supercategory") or "")
-            for a in annotations
-        ]
-        parent_total += sum(1 for parent in parents if parent)
-        entry = parsed.get(image_id)
-        if entry is None or len(entry["boxes"]) == 0:
-            continue
-        # Sorting predictions by score makes argmax (first maximum) break IoU ties towards higher scores.
-        order = np.argsort(-entry["scores"], kind="stable")
-        gt_boxes = box_convert(
-            torch.tensor([a["bbox"] for a in annotations], dtype=torch.float64), "xywh", "xyxy"
+        matched += 1
+        entry = parsed[annotation["image_id"]]
+        category_correct += normalize_category_name(
+            entry["categories"][prediction]
+        ) == normalize_category_name(category["name"])
+        parent_correct += (
+            bool(parent) and normalize_category_name(entry["parent_categories"][prediction]) == parent
         )
-        ious = box_iou(gt_boxes, torch.from_numpy(entry["boxes"][order]))  # (G, K)
-        best_iou, best = ious.max(dim=1)
-        for annotation, parent, iou, k in zip(annotations, parents, best_iou.tolist(), best.tolist()):
-            if iou < iou_threshold:
-                continue
-            matched += 1
-            prediction = int(order[k])
-            name = normalize_category_name(coco_gt.cats[annotation["category_id"]]["name"])
-            category_correct += normalize_category_name(entry["categories"][prediction]) == name
-            parent_correct += (
-                bool(parent) and normalize_category_name(entry["parent_categories"][prediction]) == parent
-            )
     nan = float("nan")
     return {
         "category_accuracy": category_correct / num_gt if num_gt else nan,
