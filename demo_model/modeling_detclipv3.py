@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FrozenBatchNorm2d, box_convert, box_iou
 from transformers import CLIPTextModelWithProjection
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -1739,6 +1739,37 @@ class DetClipV3Captioner(DetClipV3InitMixin, PreTrainedModel, GenerationMixin):
         return loss, logits
 
 
+def caption_query_assignment(
+    pred_boxes: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    matched_queries: torch.Tensor,
+    matched_targets: torch.Tensor,
+    iou_threshold: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The queries of one image the captioner learns from, and the ground-truth box whose label each one writes.
+
+    Every Hungarian-matched query writes its box's label. With `iou_threshold`, every other query whose predicted box
+    overlaps a ground-truth box by at least that IoU also writes the label of the box it overlaps most: at inference
+    every query gets a label, and the one that covers an object best is often not the one matching picked.
+
+    Args:
+        pred_boxes: `(Q, 4)` cxcywh predicted boxes; `gt_boxes`: `(T, 4)` cxcywh ground-truth boxes.
+        matched_queries / matched_targets: the Hungarian matching of the image (same length).
+        iou_threshold: IoU from which an unmatched query counts, or None for matched queries only.
+
+    Returns:
+        `(queries, targets)`, matched pairs first, then the extra pairs in query order.
+    """
+    if iou_threshold is None or gt_boxes.shape[0] == 0:
+        return matched_queries, matched_targets
+    iou = box_iou(box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy"))
+    best_iou, best_target = iou.max(-1)
+    extra = best_iou >= iou_threshold
+    extra[matched_queries] = False
+    queries = extra.nonzero()[:, 0]
+    return torch.cat([matched_queries, queries]), torch.cat([matched_targets, best_target[queries]])
+
+
 class DetClipV3ForObjectCaptioning(DetClipV3PreTrainedModel, GenerationMixin):
     """DetCLIPv3 with its object captioner: detects objects (with or without a vocabulary) and names each one with a
     hierarchical label `phrase|category|parent category`; also writes image captions.
@@ -1861,8 +1892,18 @@ class DetClipV3ForObjectCaptioning(DetClipV3PreTrainedModel, GenerationMixin):
             for b, (src, tgt) in enumerate(indices):
                 if "caption_ids" not in labels[b] or len(src) == 0:
                     continue
-                src, tgt = src.to(device), tgt.to(device)
-                states.append(outputs.last_hidden_state[b, src])
+                matched = len(src)
+                src, tgt = caption_query_assignment(
+                    outputs.pred_boxes[b].detach(),
+                    targets[b]["boxes"],
+                    src.to(device),
+                    tgt.to(device),
+                    self.config.caption_query_iou,
+                )
+                # The extra queries teach the captioner only: the detector's one-to-one matching trains them to be
+                # duplicates that score low, and caption gradients through their states would fight that.
+                state = outputs.last_hidden_state[b, src]
+                states.append(torch.cat([state[:matched], state[matched:].detach()]))
                 boxes.append(outputs.pred_boxes[b, src].detach())
                 image_index.append(torch.full_like(src, b))
                 ids.append(labels[b]["caption_ids"].to(device)[tgt])

