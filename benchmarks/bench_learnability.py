@@ -730,7 +730,9 @@ def model_card(results: dict[str, Any], command: str) -> str:
         "thresholds 0.15 / 0.05). Use it to exercise the code paths on the synthetic world, not as an example "
         "of DetCLIPv3's accuracy."
         if missed
-        else "It meets the learnability benchmark's targets on the synthetic world and on nothing else."
+        else f"It meets the learnability benchmark's targets (category accuracy {free['category_accuracy']:.3f} "
+        f"against 0.8, box AP50 {vocab['AP50']:.3f} against 0.7; single-seed runs vary by about 0.03) on the synthetic "
+        "world, and knows nothing else."
     )
     words = free.get("phrase_word_accuracy") or {}
     if words:
