@@ -178,11 +178,10 @@ class DetClipV3Config(PreTrainedConfig):
             Which parts of `DetClipV3ForObjectCaptioning` receive gradients in its forward.
         caption_query_iou (`float`, *optional*, defaults to 0.5):
             The captioner learns from the Hungarian-matched queries and, when set, also from every other query whose
-            predicted box overlaps a ground-truth box by at least this IoU (it writes that box's label; no gradient reaches
-            the detector through these extra queries). At inference
-            every query gets a label, and the best box of an object is often a query matching did not pick: on the
-            learnability benchmark 0.5 raises vocabulary-free category accuracy from 0.707 to 0.772. `None`: matched
-            queries only.
+            predicted box overlaps a ground-truth box by at least this IoU (it writes that box's label; no gradient
+            reaches the detector through these extra queries). At inference every query gets a label, and the best
+            box of an object is often a query matching did not pick: on the learnability benchmark 0.5 raises
+            vocabulary-free category accuracy from 0.707 to 0.772. `None`: matched queries only.
     """
 
     model_type = "detclipv3"
