@@ -893,9 +893,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-grounding-dino", action="store_true")
     p.add_argument("--export-demo-model", type=Path, default=None, help="write the bundled demo model here")
     p.add_argument("--num-samples", type=int, default=4)
-    # Two threads: a stage-1 step (two encoder layers) takes 130 ms instead of 201 ms with one on the 2-core machine. Run it
-    # on an otherwise idle machine: when another process holds a core, two OpenMP threads spin-wait on each other and
-    # a step gets up to 30x slower (measured: 12 stage-3 steps in 1.8 s vs 58 s); use --threads 1 there.
+    # Two threads: a stage-1 step (two encoder layers) takes 130 ms instead of 201 ms with one on the 2-core
+    # machine. Run it on an otherwise idle machine: when another process holds a core, two OpenMP threads spin-wait on
+    # each other and a step gets up to 30x slower (measured: 12 stage-3 steps in 1.8 s vs 58 s); use --threads 1 there.
     # (OMP_WAIT_POLICY=PASSIVE avoids that but costs the gain: 190 ms.)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0: torch's default)")
     return p.parse_args(argv)

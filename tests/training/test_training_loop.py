@@ -6,6 +6,7 @@ import functools
 import json
 
 import pytest
+import torch
 import yaml
 from tiny import tiny_config
 from tqdm.auto import tqdm
@@ -102,8 +103,6 @@ def test_every_train_config_field_has_a_flag_that_reaches_the_config():
 
 
 def test_cpu_runs_step_with_the_fused_adamw_kernel(tmp_path, make_config, detector_folder):
-    import torch
-
     out = tmp_path / "run"
     DetClipV3Trainer(make_config(detector_folder, out, max_steps=2, save_steps=1)).train()  # keeps step 1
     (optimizer_file,) = (out / trainer_module.CHECKPOINT_DIR).glob("*/optimizer.bin")
