@@ -67,6 +67,7 @@ from detclipv3_hf.training.trainer import build_model_and_processor
 
 TARGET_AP50 = 0.7
 TARGET_CATEGORY_ACCURACY = 0.8
+BUDGET_MINUTES = 20.0
 
 logger = logging.getLogger("bench_learnability")
 
@@ -116,7 +117,10 @@ def our_config(size: str, tokenizer: Any) -> DetClipV3Config:
             # Strides 4 / 8 / 16: the world's objects are 18-80 px long in 128-160 px images, about what strides
             # 8 / 16 / 32 see of COCO objects at 800 px. Measured (1,600 train images, 500 val, stage 1-2-3): category
             # accuracy 0.724 -> 0.771 and AP50 0.787 -> 0.803 against strides 8 / 16 / 32, at 2x the step time.
-            "out_features": ["stage1", "stage2", "stage3"],
+            # Plus the stride-32 stage as a fourth level (20 more encoder tokens; stage 0 pools it): the whole shape
+            # of the large objects in one cell. With 8 decoder points, stage 1-2-3 on two seeds: category accuracy
+            # 0.802 / 0.759 -> 0.807 / 0.799, vocabulary AP 0.618 / 0.603 -> 0.634 / 0.646, at +9% step time.
+            "out_features": ["stage1", "stage2", "stage3", "stage4"],
         },
         text_config={
             "vocab_size": vocab_size,
@@ -157,8 +161,10 @@ def our_config(size: str, tokenizer: Any) -> DetClipV3Config:
         encoder_ffn_dim=2 * width,
         decoder_ffn_dim=2 * width,
         encoder_n_points=2,
-        decoder_n_points=4,
-        num_feature_levels=3,
+        # 8 sampling points per head and level in the decoder (30 queries, cheap): seed 1's category accuracy
+        # 0.759 -> 0.792 alone (stages 1-3 re-run from the same stage 0), 0.799 with the fourth level.
+        decoder_n_points=8,
+        num_feature_levels=4,
         num_queries=30,
         max_concept_tokens=8,
         norm_groups=8,
@@ -876,7 +882,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps0", type=int, default=3000, help="stage 0: tiny-CLIP pretraining of the towers")
     p.add_argument("--batch-size0", type=int, default=64)
     p.add_argument("--lr0", type=float, default=2e-3)
-    p.add_argument("--steps1", type=int, default=3900)
+    p.add_argument("--steps1", type=int, default=4500)
     p.add_argument("--steps2", type=int, default=1600)
     p.add_argument("--steps3", type=int, default=300)
     p.add_argument("--backbone-lr-multiplier", type=float, default=1.0, help="LR multiplier of the backbone")
@@ -951,6 +957,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     ours = evaluate_ours(folder3, world.val.coco_file, world.val.root, args.eval_batch_size)
+    # The issue's budget: our model trained (stages 0-3) and evaluated within 20 minutes; Grounding DINO then gets
+    # the same training time, so the whole command takes longer.
+    ours_minutes = (time.perf_counter() - overall) / 60
     ours["train_seconds"] = {"stage0": stage0["seconds"], "stage1": t1, "stage2": t2, "stage3": t3}
     ours["stage0"] = stage0
     logger.info("ours: vocabulary AP %.3f AP50 %.3f", ours["vocabulary"]["AP"], ours["vocabulary"]["AP50"])
@@ -1000,6 +1009,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "lr3": args.lr3,
             "tokenizer_size": len(clip_tokenizer),
             "train_minutes": (stage0["seconds"] + t1 + t2 + t3) / 60,
+            "ours_minutes": ours_minutes,
             "total_minutes": None,
         },
         "ours": ours,
@@ -1012,6 +1022,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ours["vocabulary_free"]["category_accuracy"] >= TARGET_CATEGORY_ACCURACY
         ),
     }
+    checks[f"our model trained and evaluated within {BUDGET_MINUTES} min"] = ours_minutes <= BUDGET_MINUTES
     if gd:
         checks["our AP > Grounding DINO AP (equal wall clock)"] = (
             ours["vocabulary"]["AP"] > gd["metrics"]["AP"]
@@ -1069,7 +1080,10 @@ def print_table(results: dict[str, Any]) -> None:
     print()
     for name, ok in results["checks"].items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
-    print(f"\ntotal wall time {results['run']['total_minutes']:.1f} min; results in results.json")
+    print(
+        f"\nours (world, stages 0-3, evaluation) {results['run']['ours_minutes']:.1f} min; total wall time "
+        f"{results['run']['total_minutes']:.1f} min; results in results.json"
+    )
 
 
 if __name__ == "__main__":
