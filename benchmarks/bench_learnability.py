@@ -121,7 +121,7 @@ def our_config(size: str, tokenizer: Any) -> DetClipV3Config:
             # Plus the stride-32 stage as a fourth level (20 more encoder tokens; stage 0 pools it): the whole shape
             # of the large objects in one cell. With 8 decoder points, stage 1-2-3 on two seeds: category accuracy
             # 0.802 / 0.759 -> 0.807 / 0.799, vocabulary AP 0.618 / 0.603 -> 0.634 / 0.646, at +9% step time (probes
-            # at 3,900 stage-1 steps; the default 4,500 gave 0.815 / 0.785 and AP 0.645 / 0.660).
+            # at 3,900 stage-1 steps; 4,500, session 6's default, gave 0.815 / 0.785 and AP 0.645 / 0.660).
             "out_features": ["stage1", "stage2", "stage3", "stage4"],
         },
         text_config={
